@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 TORCH=${TORCH_SPEC:-torch==2.13.0}
+# one setup at a time (parallel test runs or helpers may call this together)
+exec 9>.setup.lock
+flock 9
 
 # Everything that changes what gets installed or built goes into the stamp.
 shopt -s nullglob

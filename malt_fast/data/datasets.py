@@ -1,0 +1,157 @@
+"""Dataset loaders: one record type for GSM8K, MATH, CommonsenseQA and the small math sets.
+
+`load_dataset(name, split)` reads the packaged copies; `load_dataset(path)` reads a user's JSONL
+file in any of the same formats (or the native one: id, question, gold[, choices]).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from malt_fast.data.assets import DATA_PACKAGES, packaged_file
+from malt_fast.data.text import last_boxed, normalize_number
+from malt_fast.errors import MaltError, fail
+
+SPLITS = {
+    "gsm8k": ("train", "test"), "math": ("train", "test"),
+    # the only CommonsenseQA split packaged is dev (1,221 rows); train/test are its even/odd rows
+    "csqa": ("validation", "train", "test"),
+    "svamp": ("test",), "asdiv": ("test",), "mawps": ("test",),
+}
+MATH_FAMILY = {"gsm8k", "math", "svamp", "asdiv", "mawps"}
+_OPTION = re.compile(r"^\s*([A-E])[.)]\s*(.+?)\s*$")
+
+
+@dataclass
+class Example:
+    id: str
+    dataset: str
+    question: str
+    gold: str
+    choices: dict[str, str] | None = None  # letter -> option text (multiple choice only)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def load_dataset(name, split: str | None = None) -> list[Example]:
+    """Packaged dataset `name` in {gsm8k, math, csqa, svamp, asdiv, mawps} at `split`, or a JSONL
+    path (then `split` is ignored)."""
+    name_s = str(name)
+    if name_s in SPLITS:
+        split = split or SPLITS[name_s][-1]
+        if split not in SPLITS[name_s]:
+            raise MaltError(f"{name_s}: no split {split!r} (available: {', '.join(SPLITS[name_s])})")
+        dist, rel = DATA_PACKAGES[name_s]
+        path = packaged_file(dist, rel.format(split=split))
+        rows = read_jsonl(path)
+        if name_s == "asdiv":  # a few ASDiv answers are names or ratios: keep the numeric ones
+            rows = [(ln, r) for ln, r in rows
+                    if normalize_number(str(r.get("answer", "")).split("(")[0]) is not None]
+        if name_s == "math":  # two MATH train solutions end in an empty \boxed{}: no gold, dropped
+            rows = [(ln, r) for ln, r in rows if (last_boxed(r.get("solution", "")) or "").strip()]
+        if name_s == "csqa" and split != "validation":
+            rows = rows[0::2] if split == "train" else rows[1::2]
+        return [parse_row(row, name_s, f"{name_s}-{split}-{i}", path, line)
+                for i, (line, row) in enumerate(rows)]
+    path = Path(name_s)
+    if not path.suffix == ".jsonl" and not path.exists():
+        raise MaltError(f"{name_s}: unknown dataset (packaged: {', '.join(SPLITS)}; "
+                        "or a path to a .jsonl file)")
+    if not path.is_file():
+        raise fail(path, "no such file")
+    rows = read_jsonl(path)
+    if not rows:
+        raise fail(path, "no rows")
+    return [parse_row(row, detect_format(row, path, line), f"{path.stem}-{i}", path, line)
+            for i, (line, row) in enumerate(rows)]
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a malformed line fails naming the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise fail(f"{path}:{line_no}", f"invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise fail(f"{path}:{line_no}", "expected a JSON object")
+            rows.append((line_no, row))
+    return rows
+
+
+def detect_format(row: dict, path: Path, line: int) -> str:
+    if "gold" in row and "question" in row:
+        return "native"
+    if "problem" in row and "solution" in row:
+        return "math"
+    if "question" in row and "options" in row and "answer" in row:
+        return "csqa"
+    if "question" in row and "answer" in row:
+        return "gsm8k"
+    raise fail(f"{path}:{line}", "unrecognised row: expected fields question+gold, "
+                                 "question+answer (GSM8K), problem+solution (MATH) or "
+                                 "question+answer+options (CommonsenseQA)")
+
+
+def _field(row: dict, key: str, path, line: int):
+    if key not in row or row[key] is None:
+        raise fail(f"{path}:{line}", f"missing field {key!r}")
+    return row[key]
+
+
+def _number(value, path, line, key) -> str:
+    gold = normalize_number(str(value).split("(")[0])
+    if gold is None:
+        raise fail(f"{path}:{line}", f"field {key!r} is not a number: {str(value)[:60]!r}")
+    return gold
+
+
+def parse_row(row: dict, fmt: str, default_id: str, path, line: int) -> Example:
+    get = lambda key: _field(row, key, path, line)  # noqa: E731
+    if fmt == "native":
+        choices = row.get("choices")
+        dataset = row.get("dataset", "custom")
+        return Example(str(row.get("id", default_id)), dataset, str(get("question")),
+                       str(get("gold")), dict(choices) if choices else None)
+    if fmt == "gsm8k":
+        answer = str(get("answer"))
+        if "####" not in answer:
+            raise fail(f"{path}:{line}", "GSM8K answer has no '####' line")
+        return Example(default_id, "gsm8k", get("question"),
+                       _number(answer.rsplit("####", 1)[1], path, line, "answer"))
+    if fmt == "math":
+        gold = last_boxed(get("solution"))
+        if not (gold or "").strip():
+            raise fail(f"{path}:{line}", "MATH solution has no \\boxed{} answer")
+        return Example(default_id, "math", get("problem"), gold.strip())
+    if fmt == "csqa":
+        # one packaged row has its first options inside the question text: collect them from both
+        question_lines, choices = [], {}
+        for text in (str(get("question")), str(get("options"))):
+            for opt in text.strip().splitlines():
+                m = _OPTION.match(opt)
+                if m:
+                    choices[m.group(1)] = m.group(2)
+                elif not choices:
+                    question_lines.append(opt)
+        letter = str(get("answer")).strip()[:1]
+        if len(choices) < 2 or letter not in choices:
+            raise fail(f"{path}:{line}", "CommonsenseQA row needs options A-E and an answer letter")
+        return Example(default_id, "csqa", "\n".join(question_lines).strip(), letter, choices)
+    if fmt == "svamp":
+        question = f"{get('Body').strip()} {get('Question').strip()}"
+        return Example(default_id, "svamp", question, _number(get("Answer"), path, line, "Answer"))
+    if fmt == "asdiv":
+        question = f"{get('body').strip()} {get('question').strip()}"
+        return Example(default_id, "asdiv", question, _number(get("answer"), path, line, "answer"))
+    if fmt == "mawps":
+        return Example(default_id, "mawps", get("input"), _number(get("target"), path, line, "target"))
+    raise MaltError(f"{path}: unknown format {fmt}")
