@@ -124,8 +124,9 @@ def save_model(model: Llama, out_dir, dtype: torch.dtype | None = None) -> Path:
     dtype = dtype or next(model.parameters()).dtype
     state = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings or ".lora_" in name:
+            continue  # adapters are saved on their own (lora.save_adapter), base weights here
+        name = name.replace(".base.", ".")
         key = name if name == "lm_head.weight" else f"model.{name}"
         state[key] = t.detach().to("cpu", dtype).contiguous()
     _atomic_write(out_dir / "model.safetensors", lambda p: save_file(state, p, {"format": "pt"}))

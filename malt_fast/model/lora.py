@@ -1,0 +1,198 @@
+"""LoRA adapters, several per model (one per MALT role) over one frozen base, in PEFT's format.
+
+`add_adapter(model, "verifier", LoRAConfig(...))` wraps the target projections once and adds a
+named pair (A, B) to each; `set_adapter(model, name)` picks which one the forward uses (None: the
+bare base). Adapters are saved as `adapter_config.json` + `adapter_model.safetensors` with PEFT's
+key names, so `peft.PeftModel.from_pretrained(LlamaForCausalLM, dir)` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from malt_fast.errors import fail
+from malt_fast.model.llama import Llama
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus named low-rank updates; the active one is added to the output."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout = nn.ModuleDict()
+        self.active: str | None = None
+
+    @property
+    def weight(self):  # so code that reads `proj.weight` (e.g. dtype probes) keeps working
+        return self.base.weight
+
+    def add(self, name: str, cfg: LoRAConfig):
+        w = self.base.weight
+        a = torch.empty(cfg.rank, w.shape[1], dtype=w.dtype, device=w.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # B = 0 makes the initial update zero
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(w.shape[0], cfg.rank, dtype=w.dtype,
+                                                     device=w.device))
+        self.scaling[name] = cfg.scaling
+        self.dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.active is None:
+            return out
+        a, b = self.lora_A[self.active], self.lora_B[self.active]
+        return out + (self.dropout[self.active](x) @ a.T @ b.T) * self.scaling[self.active]
+
+
+def lora_modules(model: Llama) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_adapter(model: Llama, name: str, cfg: LoRAConfig) -> None:
+    """Add adapter `name` on every target projection; freezes the base weights."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for attr, child in list(parent.named_children()):
+                if attr not in cfg.targets:
+                    continue
+                if not isinstance(child, LoRALinear):
+                    child = LoRALinear(child)
+                    setattr(parent, attr, child)
+                if name in child.lora_A:
+                    raise ValueError(f"adapter {name!r} already exists")
+                child.add(name, cfg)
+    model.lora_configs = {**getattr(model, "lora_configs", {}), name: cfg}
+    set_adapter(model, name)
+
+
+def set_adapter(model: Llama, name: str | None) -> None:
+    """Make `name` the adapter used by the forward (None: the base model alone)."""
+    if name is not None and name not in getattr(model, "lora_configs", {}):
+        raise ValueError(f"no adapter {name!r}; have {sorted(getattr(model, 'lora_configs', {}))}")
+    for m in lora_modules(model).values():
+        m.active = name if name in m.lora_A else None
+
+
+def adapter_parameters(model: Llama, name: str) -> list[nn.Parameter]:
+    params = []
+    for m in lora_modules(model).values():
+        if name in m.lora_A:
+            params += [m.lora_A[name], m.lora_B[name]]
+    return params
+
+
+def adapter_state_dict(model: Llama, name: str) -> dict[str, torch.Tensor]:
+    """PEFT key names: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    state = {}
+    for path, m in lora_modules(model).items():
+        if name in m.lora_A:
+            prefix = f"base_model.model.model.{path}"
+            state[f"{prefix}.lora_A.weight"] = m.lora_A[name].detach()
+            state[f"{prefix}.lora_B.weight"] = m.lora_B[name].detach()
+    return state
+
+
+@torch.no_grad()
+def merge_adapter(model: Llama, name: str) -> None:
+    """Fold adapter `name` into the base weights and drop all LoRA wrappers (for export)."""
+    for path, m in lora_modules(model).items():
+        if name in m.lora_A:
+            m.base.weight += m.delta_weight(name).to(m.base.weight.dtype)
+        parent = model.get_submodule(path.rsplit(".", 1)[0])
+        setattr(parent, path.rsplit(".", 1)[1], m.base)
+    model.lora_configs = {}
+
+
+def save_adapter(model: Llama, name: str, out_dir, base_model: str = "") -> Path:
+    from safetensors.torch import save_file
+
+    from malt_fast.model.checkpoint import _atomic_write
+
+    cfg = model.lora_configs[name]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
+    _atomic_write(out_dir / "adapter_model.safetensors",
+                  lambda p: save_file(state, p, {"format": "pt"}))
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, **cfg.extra,
+    }
+    text = json.dumps(peft_cfg, indent=2)
+    _atomic_write(out_dir / "adapter_config.json", lambda p: Path(p).write_text(text))
+    return out_dir
+
+
+def load_adapter(model: Llama, adapter_dir, name: str) -> None:
+    """Add adapter `name` from a PEFT-format directory (ours or PEFT's own save)."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise fail(f, "missing (not a PEFT LoRA adapter directory)")
+    d = json.loads(cfg_path.read_text())
+    if d.get("peft_type") != "LORA" or d.get("use_dora") or d.get("use_rslora"):
+        raise fail(cfg_path, "only plain LoRA adapters are supported")
+    targets = d["target_modules"]
+    targets = tuple(targets) if isinstance(targets, list) else tuple(
+        t for t in ALL_PROJECTIONS if t in str(targets))
+    cfg = LoRAConfig(rank=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
+                     targets=targets)
+    add_adapter(model, name, cfg)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise fail(weights, f"unreadable safetensors file ({type(e).__name__}: {e})") from None
+    modules = lora_modules(model)
+    seen = set()
+    for key, t in state.items():
+        path = key.removeprefix("base_model.model.model.")
+        path, kind = path.rsplit(".", 2)[0], path.rsplit(".", 2)[1]
+        path = path.removesuffix(f".{name}")
+        if path not in modules or kind not in ("lora_A", "lora_B"):
+            raise fail(weights, f"unexpected tensor {key}")
+        target = getattr(modules[path], kind)[name]
+        if target.shape != t.shape:
+            raise fail(weights, f"tensor {key} has shape {tuple(t.shape)}, expected "
+                                f"{tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(t)
+        seen.add((path, kind))
+    expected = {(p, k) for p, m in modules.items() if name in m.lora_A for k in ("lora_A", "lora_B")}
+    if seen != expected:
+        missing = sorted(expected - seen)[0]
+        raise fail(weights, f"missing tensor for {missing[0]}.{missing[1]}")

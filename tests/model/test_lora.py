@@ -1,0 +1,105 @@
+"""LoRA adapters: zero init is the base model, merge equals the unmerged forward, PEFT round trip."""
+
+import pytest
+import torch
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM
+
+from malt_fast.model import load_model, save_model
+from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, load_adapter,
+                                  merge_adapter, save_adapter, set_adapter)
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = HFConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def randomize(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model, name):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def tokens(seed=1):
+    return torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(seed))
+
+
+def test_zero_init_is_base_and_base_is_frozen(base_dir):
+    model = load_model(base_dir)
+    x = tokens()
+    with torch.no_grad():
+        base = model(x)
+    add_adapter(model, "generator", LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert len(adapter_parameters(model, "generator")) == 2 * 7 * 2  # A,B × 7 projections × 2 layers
+
+
+def test_adapters_switch_and_merge(base_dir):
+    model = load_model(base_dir)
+    x = tokens()
+    with torch.no_grad():
+        base = model(x)
+    add_adapter(model, "verifier", LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    add_adapter(model, "refiner", LoRAConfig(rank=2, alpha=2))
+    randomize(model, "verifier", 1)
+    randomize(model, "refiner", 2)
+    with torch.no_grad():
+        set_adapter(model, "verifier")
+        v = model(x)
+        set_adapter(model, "refiner")
+        r = model(x)
+        set_adapter(model, None)
+        assert torch.equal(model(x), base)
+    assert (v - base).abs().max() > 1e-3 and (r - v).abs().max() > 1e-3
+    merge_adapter(model, "verifier")
+    with torch.no_grad():
+        assert (model(x) - v).abs().max().item() <= 1e-5
+
+
+def test_peft_loads_our_adapter_with_same_logits(base_dir, tmp_path):
+    from peft import PeftModel
+
+    model = load_model(base_dir)
+    add_adapter(model, "refiner", LoRAConfig(rank=4, alpha=16, targets=("q_proj", "k_proj",
+                                                                       "o_proj", "down_proj")))
+    randomize(model, "refiner", 3)
+    save_adapter(model, "refiner", tmp_path / "adapter", base_model=str(base_dir))
+    hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    x = tokens(4)
+    with torch.no_grad():
+        assert (hf.eval()(x).logits - model(x)).abs().max().item() <= 1e-5
+
+
+def test_we_load_a_peft_adapter_with_same_logits(base_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    hf = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "gate_proj"],
+                                   init_lora_weights=False))
+    hf.save_pretrained(tmp_path / "peft")
+    model = load_model(base_dir)
+    load_adapter(model, tmp_path / "peft", "generator")
+    x = tokens(5)
+    with torch.no_grad():
+        assert (hf.eval()(x).logits - model(x)).abs().max().item() <= 1e-5
+
+
+def test_save_model_with_adapters_writes_the_base(base_dir, tmp_path):
+    model = load_model(base_dir)
+    add_adapter(model, "generator", LoRAConfig(rank=2, alpha=4))
+    randomize(model, "generator", 6)
+    save_model(model, tmp_path / "saved")
+    again = load_model(tmp_path / "saved")
+    set_adapter(model, None)
+    x = tokens(7)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
