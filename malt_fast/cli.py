@@ -59,6 +59,60 @@ def cmd_credit(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def load_config(path, overrides: list[str]) -> dict:
+    """A YAML run config with `key.sub=value` overrides (values parsed as YAML)."""
+    from pathlib import Path
+
+    import yaml
+
+    from malt_fast.errors import fail
+
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "no such config file")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise fail(path, f"invalid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MaltError(f"--set {item}: expected key=value")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def cmd_train(args) -> None:
+    """Train the roles (SFT, then DPO) with LoRA on sft_{role}.jsonl / dpo_{role}.jsonl."""
+    import dataclasses
+
+    from malt_fast.data import smollm2_gguf
+    from malt_fast.model import load_model, load_tokenizer
+    from malt_fast.train.trainer import TrainConfig, Trainer
+
+    cfg = load_config(args.config, args.set)
+    train = dict(cfg.get("train") or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(train) - known)
+    if unknown:
+        raise MaltError(f"{args.config}: unknown train field {unknown[0]!r}")
+    if "roles" in train:
+        train["roles"] = tuple(train["roles"])
+    model_path = cfg.get("model") or smollm2_gguf()
+    model = load_model(model_path)
+    tok = load_tokenizer(cfg.get("tokenizer") or model_path)
+    for key in ("data", "out"):
+        if key not in cfg:
+            raise MaltError(f"{args.config}: missing field {key!r}")
+    adapters = Trainer(model, tok, cfg["data"], cfg["out"], TrainConfig(**train)).run()
+    for role, path in adapters.items():
+        print(f"{role}: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="malt-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("--seed", type=int, default=0)
     credit.add_argument("--prompts", default=None, help="prompts YAML (default configs/prompts.yaml)")
     credit.set_defaults(func=cmd_credit)
+    train = sub.add_parser("train", help=cmd_train.__doc__)
+    train.add_argument("config", help="YAML with model, data, out and a train: section")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.sft_lr=1e-4")
+    train.set_defaults(func=cmd_train)
     return p
 
 

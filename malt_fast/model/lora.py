@@ -78,8 +78,9 @@ def lora_modules(model: Llama) -> dict[str, LoRALinear]:
 
 def add_adapter(model: Llama, name: str, cfg: LoRAConfig) -> None:
     """Add adapter `name` on every target projection; freezes the base weights."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for n, p in model.named_parameters():
+        if ".lora_" not in n:  # earlier adapters stay trainable
+            p.requires_grad_(False)
     for block in model.layers:
         for parent in (block.self_attn, block.mlp):
             for attr, child in list(parent.named_children()):

@@ -50,6 +50,7 @@ def test_adapters_switch_and_merge(base_dir):
         base = model(x)
     add_adapter(model, "verifier", LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
     add_adapter(model, "refiner", LoRAConfig(rank=2, alpha=2))
+    assert all(p.requires_grad for p in adapter_parameters(model, "verifier"))
     randomize(model, "verifier", 1)
     randomize(model, "refiner", 2)
     with torch.no_grad():

@@ -1,0 +1,149 @@
+"""SFT lowers completion NLL, DPO raises the margin, generator DPO is opt-in, resume is exact."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from malt_fast.model import load_model, load_tokenizer, save_model
+from malt_fast.model.llama import Llama, LlamaConfig
+from malt_fast.model.lora import set_adapter
+from malt_fast.train.losses import completion_mask, token_logprobs
+from malt_fast.train.trainer import TrainConfig, Trainer, collate, encode_pair
+
+QUESTIONS = [f"What is {a} plus {b}?" for a, b in [(2, 3), (4, 4), (7, 1), (5, 6), (9, 2), (3, 8)]]
+
+
+@pytest.fixture(scope="module")
+def tok(smollm_gguf):
+    return load_tokenizer(smollm_gguf)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(model, path)
+    return path
+
+
+def write_sets(d, roles=("generator", "verifier", "refiner")):
+    d.mkdir(parents=True, exist_ok=True)
+    for role in roles:
+        with open(d / f"sft_{role}.jsonl", "w") as f:
+            for i, q in enumerate(QUESTIONS):
+                f.write(json.dumps({"id": f"q{i}", "prompt": [{"role": "user", "content": q}],
+                                    "completion": f"The answer is {i}."}) + "\n")
+        with open(d / f"dpo_{role}.jsonl", "w") as f:
+            for i, q in enumerate(QUESTIONS):
+                f.write(json.dumps({"id": f"q{i}", "prompt": [{"role": "user", "content": q}],
+                                    "chosen": f"So it is {i}.", "rejected": "I refuse."}) + "\n")
+
+
+def nll(model, tok, rows, role):
+    set_adapter(model, role)
+    seqs = [encode_pair(tok, [{"role": "user", "content": q}], c, 256) for q, c in rows]
+    ids, labels = collate(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, labels)
+    m = completion_mask(labels)
+    return -(logp * m).sum().item() / m.sum().item()
+
+
+def test_encode_pair_labels_only_the_completion(tok):
+    ids, labels = encode_pair(tok, [{"role": "user", "content": "Hi"}], "Hello!", 512)
+    head = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert ids[:len(head)] == head and all(x == -100 for x in labels[:len(head)])
+    text = tok.decode([t for t in labels if t != -100], skip_special_tokens=False)
+    assert text.startswith("Hello!<|im_end|>")
+
+
+def test_sft_then_dpo_per_role(model_dir, tok, tmp_path):
+    write_sets(tmp_path / "data")
+    model = load_model(model_dir)
+    cfg = TrainConfig(sft_epochs=4, dpo_epochs=2, batch_size=3, sft_lr=2e-2, dpo_lr=3e-3,
+                      lora={"rank": 8, "alpha": 16.0}, save_every=1000)
+    trainer = Trainer(model, tok, tmp_path / "data", tmp_path / "out", cfg, log=lambda *_: None)
+    sft_rows = [(q, f"The answer is {i}.") for i, q in enumerate(QUESTIONS)]
+    before = nll(model, tok, sft_rows, None)
+    adapters = trainer.run()
+    assert set(adapters) == {"generator", "verifier", "refiner"}
+    for role in adapters:
+        assert (adapters[role] / "adapter_model.safetensors").is_file()
+    assert nll(model, tok, sft_rows, "generator") < before - 0.5
+    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    phases = {(m["role"], m["phase"]) for m in metrics}
+    assert phases == {("generator", "sft"), ("verifier", "sft"), ("verifier", "dpo"),
+                      ("refiner", "sft"), ("refiner", "dpo")}  # no generator DPO by default
+    dpo = [m for m in metrics if m["role"] == "verifier" and m["phase"] == "dpo"]
+    assert dpo[-1]["rewards/margin"] > dpo[0]["rewards/margin"]
+    assert dpo[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)  # policy starts at reference
+    assert all(k in dpo[0] for k in ("loss", "rewards/accuracy", "lr", "tokens_per_s"))
+
+
+def test_generator_dpo_when_enabled(model_dir, tok, tmp_path):
+    write_sets(tmp_path / "data", roles=("generator",))
+    cfg = TrainConfig(roles=("generator",), generator_dpo=True, batch_size=6, save_every=1000)
+    Trainer(load_model(model_dir), tok, tmp_path / "data", tmp_path / "out", cfg,
+            log=lambda *_: None).run()
+    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert {m["phase"] for m in metrics} == {"sft", "dpo"}
+
+
+def train_cmd(model_dir, tok_path, data, out):
+    cfg = {"model": str(model_dir), "tokenizer": str(tok_path), "data": str(data), "out": str(out),
+           "train": {"roles": ["verifier"], "sft_epochs": 6, "dpo_epochs": 6, "batch_size": 1,
+                     "save_every": 3, "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1}}}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return [sys.executable, "-m", "malt_fast.cli", "train", str(path)]
+
+
+def test_killed_run_resumes_to_the_same_weights(model_dir, tok, smollm_gguf, tmp_path):
+    from safetensors.torch import load_file
+
+    write_sets(tmp_path / "data", roles=("verifier",))
+    ref_out, cut_out = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(train_cmd(model_dir, smollm_gguf, tmp_path / "data", ref_out), check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(train_cmd(model_dir, smollm_gguf, tmp_path / "data", cut_out),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = cut_out / "state" / "verifier-dpo.pt"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-DPO: after its first checkpoint, before its end
+    proc.wait()
+    assert state.exists() and not (cut_out / "state" / "verifier-dpo.done").exists()
+    subprocess.run(train_cmd(model_dir, smollm_gguf, tmp_path / "data", cut_out), check=True,
+                   capture_output=True, timeout=300)
+    a = load_file(ref_out / "checkpoints" / "verifier" / "adapter_model.safetensors")
+    b = load_file(cut_out / "checkpoints" / "verifier" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_training_inputs(model_dir, tok, tmp_path):
+    from malt_fast.errors import MaltError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sft_generator.jsonl").write_text('{"prompt": "not a list", "completion": "x"}\n')
+    trainer = Trainer(load_model(model_dir), tok, tmp_path / "data", tmp_path / "out",
+                      TrainConfig(roles=("generator",)), log=lambda *_: None)
+    with pytest.raises(MaltError, match=r"sft_generator.jsonl:1: field 'prompt' must be a chat"):
+        trainer.run()
+    trainer.cfg = TrainConfig(roles=("verifier",))
+    with pytest.raises(MaltError, match=r"sft_verifier.jsonl: no such file"):
+        trainer.run()
