@@ -20,8 +20,10 @@ SPLITS = {
     # the only CommonsenseQA split packaged is dev (1,221 rows); train/test are its even/odd rows
     "csqa": ("validation", "train", "test"),
     "svamp": ("test",), "asdiv": ("test",), "mawps": ("test",),
+    "arith": ("train", "test"),  # generated (malt_fast.data.synthetic), not read from a file
 }
-MATH_FAMILY = {"gsm8k", "math", "svamp", "asdiv", "mawps"}
+MATH_FAMILY = {"gsm8k", "math", "svamp", "asdiv", "mawps", "arith"}
+ARITH_SIZES = {"train": 5000, "test": 1000}
 _OPTION = re.compile(r"^\s*([A-E])[.)]\s*(.+?)\s*$")
 
 
@@ -37,14 +39,19 @@ class Example:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def load_dataset(name, split: str | None = None) -> list[Example]:
-    """Packaged dataset `name` in {gsm8k, math, csqa, svamp, asdiv, mawps} at `split`, or a JSONL
-    path (then `split` is ignored)."""
+def load_dataset(name, split: str | None = None, *, difficulty: int = 1,
+                 seed: int = 0) -> list[Example]:
+    """Packaged dataset `name` in {gsm8k, math, csqa, svamp, asdiv, mawps} or the generated
+    `arith` (with `difficulty` and `seed`) at `split`, or a JSONL path (`split` ignored)."""
     name_s = str(name)
     if name_s in SPLITS:
         split = split or SPLITS[name_s][-1]
         if split not in SPLITS[name_s]:
             raise MaltError(f"{name_s}: no split {split!r} (available: {', '.join(SPLITS[name_s])})")
+        if name_s == "arith":
+            from malt_fast.data.synthetic import make_arith
+
+            return make_arith(ARITH_SIZES[split], split, difficulty, seed)
         dist, rel = DATA_PACKAGES[name_s]
         path = packaged_file(dist, rel.format(split=split))
         rows = read_jsonl(path)

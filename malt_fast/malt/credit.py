@@ -1,0 +1,219 @@
+"""Credit assignment (DESIGN.md): leaf rewards, values up the tree, labels, SFT and DPO sets.
+
+    V(r) = R(r) = [T(r) == gold]          leaf reward, 0 or 1
+    V(v) = mean of its refinements' V     (continuous means, not a vote of binarised children)
+    V(g) = mean of its verifications' V
+    positive  iff  V > theta              (strict: with n=3 a critique needs 2 of 3 correct
+                                           refinements, a generation V >= 5/9)
+
+Values are kept as exact fractions until they are written, so a value of exactly theta is never
+pushed over (or under) it by float rounding: (1/3 + 2/3) / 2 is 1/2, negative.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from malt_fast.data.datasets import Example
+from malt_fast.errors import MaltError, fail
+from malt_fast.malt.answers import answers_equal, extract_answer
+from malt_fast.malt.prompts import (RolePrompts, generator_messages, load_prompts, prompt_family,
+                                    refiner_messages, verifier_messages)
+from malt_fast.malt.trees import atomic_write_text, read_trees, write_trees
+
+ROLES = ("generator", "verifier", "refiner")
+PAIR_MODES = ("all", "max_k", "one")
+
+
+def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed=0,
+               prompts_path=None) -> dict:
+    """Score `trees_path` and write trees.jsonl, sft_{role}.jsonl, dpo_{role}.jsonl and
+    summary.json (last, so its presence means the stage finished) into `out_dir`."""
+    theta_f = _theta(theta)
+    _check_pairing(pairs, max_pairs)
+    trees = read_trees(trees_path)
+    if not trees:
+        raise fail(trees_path, "no trees (empty file)")
+    prompts = _PromptCache(prompts_path)
+    scored = [score_tree(t, theta_f) for t in trees]
+    sft = {role: [] for role in ROLES}
+    dpo = {role: [] for role in ROLES}
+    for tree in scored:
+        tree_sft, tree_dpo = tree_examples(tree, prompts.get(tree), theta_f, pairs, max_pairs, seed)
+        for role in ROLES:
+            sft[role] += tree_sft[role]
+            dpo[role] += tree_dpo[role]
+
+    out = Path(out_dir)
+    write_trees(out / "trees.jsonl", scored)
+    for role in ROLES:
+        _write_jsonl(out / f"sft_{role}.jsonl", sft[role])
+        _write_jsonl(out / f"dpo_{role}.jsonl", dpo[role])
+        if not sft[role]:
+            print(f"{out / f'sft_{role}.jsonl'}: warning: no positive {role} examples",
+                  file=sys.stderr)
+    summary = summarize(scored, theta_f, sft, dpo)
+    summary.update(trees=str(trees_path), theta=float(theta), pairs=pairs,
+                   max_pairs=max_pairs, seed=seed)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _theta(theta) -> Fraction:
+    # via str: Fraction(0.6) is 0.59999..., which would make a value of exactly 3/5 positive
+    try:
+        if isinstance(theta, bool):
+            raise ValueError
+        return Fraction(str(theta))
+    except (ValueError, TypeError):
+        raise MaltError(f"theta: expected a number, got {theta!r}") from None
+
+
+def _check_pairing(pairs, max_pairs) -> None:
+    if pairs not in PAIR_MODES:
+        raise MaltError(f"pairs: expected one of {', '.join(PAIR_MODES)}, got {pairs!r}")
+    if pairs == "max_k":
+        if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+            raise MaltError(f"max_pairs: pairs='max_k' needs a positive integer, got {max_pairs!r}")
+    elif max_pairs is not None:
+        raise MaltError(f"max_pairs: only used with pairs='max_k' (pairs is {pairs!r})")
+
+
+class _PromptCache:
+    """One RolePrompts per family, loaded on first use: a math-only run needs no
+    multiple-choice section in a custom prompts file."""
+
+    def __init__(self, path):
+        self.path = path
+        self.loaded: dict[str, RolePrompts] = {}
+
+    def get(self, tree: dict) -> RolePrompts:
+        family = prompt_family(tree["dataset"], tree.get("choices"))
+        if family not in self.loaded:
+            self.loaded[family] = load_prompts(self.path, family)
+        return self.loaded[family]
+
+
+def example_of(tree: dict) -> Example:
+    return Example(tree["id"], tree["dataset"], tree["question"], tree["gold"], tree.get("choices"))
+
+
+def leaf_reward(leaf: dict, tree: dict) -> tuple[str | None, int]:
+    """(answer, reward) of a refinement: recomputed from its text when it has one (a stale or
+    hand-typed reward must not decide the labels), else the stored reward is trusted."""
+    if "text" in leaf:
+        answer = extract_answer(leaf["text"], tree["dataset"], tree.get("choices"))
+        ok = answers_equal(answer, tree["gold"], tree["dataset"], tree.get("choices"))
+        return answer, int(ok)
+    return leaf.get("answer"), int(leaf["reward"])
+
+
+def score_tree(tree: dict, theta: Fraction) -> dict:
+    """A copy of `tree` with answer/reward on every leaf and value/positive on every inner node."""
+    scored = {k: v for k, v in tree.items() if k != "generations"}
+    gens = []
+    for g in tree["generations"]:
+        vers = []
+        for v in g["verifications"]:
+            leaves = []
+            for r in v["refinements"]:
+                answer, rew = leaf_reward(r, tree)
+                leaves.append({**r, "answer": answer, "reward": rew})
+            value = Fraction(sum(leaf["reward"] for leaf in leaves), len(leaves))
+            vers.append({**v, "value": value, "positive": value > theta, "refinements": leaves})
+        value = sum((x["value"] for x in vers), Fraction(0)) / len(vers)
+        gens.append({**g, "value": value, "positive": value > theta, "verifications": vers})
+    scored["generations"] = gens
+    return _floats(scored)
+
+
+def _floats(obj):
+    """Fractions -> floats for JSON (labels were decided on the exact values already)."""
+    if isinstance(obj, Fraction):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_floats(v) for v in obj]
+    return obj
+
+
+def _leaf_positive(leaf: dict, theta: Fraction) -> bool:
+    return Fraction(leaf["reward"]) > theta
+
+
+def tree_examples(tree: dict, prompts: RolePrompts, theta: Fraction, pairs="all",
+                  max_pairs=None, seed=0) -> tuple[dict, dict]:
+    """SFT rows (positive nodes) and DPO rows (positive x negative siblings) of a scored tree."""
+    ex = example_of(tree)
+    sft = {role: [] for role in ROLES}
+    dpo = {role: [] for role in ROLES}
+    tid = tree["id"]
+
+    def add(role, parent, letter, prompt, children, positive):
+        texts = [c.get("text", "") for c in children]
+        labels = [positive(c) for c in children]
+        for i, (text, lab) in enumerate(zip(texts, labels)):
+            if lab and text.strip():
+                sft[role].append({"id": f"{parent}{letter}{i}", "prompt": prompt,
+                                  "completion": text})
+        for p, q in select_pairs(texts, labels, pairs, max_pairs, f"{seed}/{parent}{letter}"):
+            dpo[role].append({"id": f"{parent}{letter}{p}>{letter}{q}", "prompt": prompt,
+                              "chosen": texts[p], "rejected": texts[q]})
+
+    gens = tree["generations"]
+    add("generator", f"{tid}/", "g", generator_messages(ex, prompts), gens,
+        lambda n: n["positive"])
+    for i, g in enumerate(gens):
+        vers = g["verifications"]
+        add("verifier", f"{tid}/g{i}/", "v", verifier_messages(ex, g["text"], prompts), vers,
+            lambda n: n["positive"])
+        for j, v in enumerate(vers):
+            add("refiner", f"{tid}/g{i}/v{j}/", "r",
+                refiner_messages(ex, g["text"], v["text"], prompts),
+                v["refinements"], lambda n: _leaf_positive(n, theta))
+    return sft, dpo
+
+
+def select_pairs(texts: list[str], labels: list[bool], mode="all", max_pairs=None,
+                 key="0") -> list[tuple[int, int]]:
+    """(chosen, rejected) sibling indices. Pairs whose two texts are equal teach nothing (and a
+    leaf without text cannot be trained on), so they are left out before any sampling. 'max_k'
+    and 'one' sample without replacement with a generator seeded by `key` (seed + parent id),
+    so reruns and resumed runs pick the same pairs."""
+    usable = [bool(t.strip()) for t in texts]
+    all_pairs = [(p, q) for p in range(len(texts)) for q in range(len(texts))
+                 if labels[p] and not labels[q] and usable[p] and usable[q]
+                 and texts[p] != texts[q]]
+    limit = None if mode == "all" else 1 if mode == "one" else max_pairs
+    if limit is None or len(all_pairs) <= limit:
+        return all_pairs
+    return sorted(random.Random(key).sample(all_pairs, limit))
+
+
+def summarize(scored: list[dict], theta: Fraction, sft: dict, dpo: dict) -> dict:
+    """Per role: positives, negatives, SFT rows, pairs; per level: node count and mean value."""
+    nodes = {role: [] for role in ROLES}  # (value, positive) of every node, pooled over trees
+    for tree in scored:
+        for g in tree["generations"]:
+            nodes["generator"].append((g["value"], g["positive"]))
+            for v in g["verifications"]:
+                nodes["verifier"].append((v["value"], v["positive"]))
+                for r in v["refinements"]:
+                    nodes["refiner"].append((r["reward"], _leaf_positive(r, theta)))
+    roles, levels = {}, {}
+    for role in ROLES:
+        pos = sum(1 for _, p in nodes[role] if p)
+        roles[role] = {"positives": pos, "negatives": len(nodes[role]) - pos,
+                       "sft": len(sft[role]), "pairs": len(dpo[role])}
+        levels[role] = {"nodes": len(nodes[role]),
+                        "mean_value": sum(v for v, _ in nodes[role]) / len(nodes[role])}
+    return {"questions": len(scored), "roles": roles, "levels": levels}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
