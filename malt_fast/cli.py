@@ -113,6 +113,39 @@ def cmd_train(args) -> None:
         print(f"{role}: {path}")
 
 
+def run_config(args) -> dict:
+    from malt_fast.pipeline import resolve
+
+    cfg = resolve(load_config(args.config, args.set), source=args.config)
+    if getattr(args, "run_dir", None):
+        cfg["run_dir"] = args.run_dir
+    return cfg
+
+
+def cmd_run(args) -> None:
+    """expand -> credit -> train -> evaluate in one run directory, resuming what is done."""
+    from malt_fast.pipeline import run_pipeline
+
+    run_pipeline(run_config(args))
+
+
+def cmd_expand(args) -> None:
+    """Expand the configured training questions into RUN_DIR/trees.jsonl (resumable)."""
+    from malt_fast.pipeline import Run
+
+    print(Run(run_config(args)).expand())
+
+
+def cmd_evaluate(args) -> None:
+    """SA, SA+MV@3, MA, MA+MV@3 (and MALT with trained adapters in RUN_DIR) over seeds."""
+    from malt_fast.eval.evaluate import format_table
+    from malt_fast.pipeline import Run
+
+    run = Run(run_config(args))
+    print(format_table(run.evaluate(trained=run.load_trained_adapters())))
+    print(f"report: {run.dir / 'eval' / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="malt-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("--seed", type=int, default=0)
     credit.add_argument("--prompts", default=None, help="prompts YAML (default configs/prompts.yaml)")
     credit.set_defaults(func=cmd_credit)
+    for name, func in [("run", cmd_run), ("expand", cmd_expand), ("evaluate", cmd_evaluate)]:
+        stage = sub.add_parser(name, help=func.__doc__)
+        stage.add_argument("config", help="run config YAML (see configs/)")
+        stage.add_argument("--run-dir", help="override the config's run_dir")
+        stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set evaluate.questions=10")
+        stage.set_defaults(func=func)
+
     train = sub.add_parser("train", help=cmd_train.__doc__)
     train.add_argument("config", help="YAML with model, data, out and a train: section")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -197,3 +197,30 @@ def load_adapter(model: Llama, adapter_dir, name: str) -> None:
     if seen != expected:
         missing = sorted(expected - seen)[0]
         raise fail(weights, f"missing tensor for {missing[0]}.{missing[1]}")
+
+
+class AdapterView(nn.Module):
+    """The shared base seen through one adapter: every forward runs with `name` active.
+
+    Lets a rollout engine per role share one base model in memory (None: the bare base)."""
+
+    def __init__(self, model: Llama, name: str | None):
+        super().__init__()
+        self.inner, self.adapter = model, name
+        self.config = model.config
+
+    @property
+    def lm_head(self):
+        return self.inner.lm_head
+
+    @property
+    def embed_tokens(self):
+        return self.inner.embed_tokens
+
+    def hidden_states(self, *args, **kwargs):
+        set_adapter(self.inner, self.adapter)
+        return self.inner.hidden_states(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        set_adapter(self.inner, self.adapter)
+        return self.inner(*args, **kwargs)

@@ -1,0 +1,186 @@
+"""`malt-fast evaluate`: single agent and the G->V->R pipeline, with majority voting, over seeds.
+
+Per seed, a random subset of the test questions is answered by `chains` (default 3) independent
+G->V->R chains at the sampling temperature (paper: 0.3):
+
+- SA: accuracy of the generator's answer, averaged over the chains (the expected accuracy of one
+  sample); SA+MV@3: the majority answer of the chains' generators;
+- MA: accuracy of the refiner's final answer with untrained roles, averaged over chains;
+  MA+MV@3: the majority of the chains' final answers;
+- MALT, MALT+MV@3: the same with the trained role adapters.
+
+Majority vote: answers are grouped by the dataset's equivalence check, unanswered outputs do not
+vote, the largest group wins, and a tie goes to the group whose first answer came from the
+earliest chain (deterministic); no answers at all counts as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from malt_fast.data import Example
+from malt_fast.malt.answers import answers_equal, extract_answer
+from malt_fast.malt.expand import role_layout
+from malt_fast.malt.prompts import load_prompts, question_text
+from malt_fast.rollout.tree import expand_tree
+
+METHODS = ("SA", "SA+MV@3", "MA", "MA+MV@3", "STaR", "MALT", "MALT+MV@3")
+
+
+def majority(answers: list[str | None], ex: Example) -> str | None:
+    groups: list[list[str]] = []
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if answers_equal(a, g[0], ex.dataset, ex.choices) or a == g[0]:
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    if not groups:
+        return None
+    return max(groups, key=len)[0]  # max keeps the first (earliest-chain) group on ties
+
+
+def correct(answer, ex: Example) -> bool:
+    return answer is not None and answers_equal(answer, ex.gold, ex.dataset, ex.choices)
+
+
+def run_chains(engines, examples: list[Example], chains: int, sampling, seed: int,
+               prompts_path=None) -> list[dict]:
+    """Per example: the generator and refiner answers of each chain."""
+    family = "multiple_choice" if examples[0].choices else examples[0].dataset
+    prompts = load_prompts(prompts_path, family)
+    questions = [question_text(ex, prompts) for ex in examples for _ in range(chains)]
+    trees, _ = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=seed)
+    out = []
+    for i, ex in enumerate(examples):
+        gens, finals = [], []
+        for t in trees[i * chains:(i + 1) * chains]:
+            g = t["generations"][0]
+            r = g["verifications"][0]["refinements"][0]
+            gens.append(extract_answer(g["text"], ex.dataset, ex.choices))
+            finals.append(extract_answer(r["text"], ex.dataset, ex.choices))
+        out.append({"id": ex.id, "gold": ex.gold, "generator": gens, "final": finals})
+    return out
+
+
+def score(answers: list[dict], examples: list[Example]) -> dict:
+    """Single-sample and MV@k accuracy of generators and finals, and per-turn transitions."""
+    single_g = single_f = mv_g = mv_f = 0.0
+    w2r = r2w = 0
+    for a, ex in zip(answers, examples):
+        cg = [correct(x, ex) for x in a["generator"]]
+        cf = [correct(x, ex) for x in a["final"]]
+        single_g += sum(cg) / len(cg)
+        single_f += sum(cf) / len(cf)
+        mv_g += correct(majority(a["generator"], ex), ex)
+        mv_f += correct(majority(a["final"], ex), ex)
+        w2r += sum(not g and f for g, f in zip(cg, cf))
+        r2w += sum(g and not f for g, f in zip(cg, cf))
+    n = len(examples)
+    return {"generator": single_g / n, "generator_mv": mv_g / n, "final": single_f / n,
+            "final_mv": mv_f / n, "wrong_to_right": w2r, "right_to_wrong": r2w,
+            "chains": n * len(answers[0]["final"])}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def evaluate(test: list[Example], base_engines, trained_engines=None, star_engines=None,
+             seeds=(0, 1, 2), questions: int = 30, chains: int = 3, sampling=None,
+             prompts_path=None) -> dict:
+    """Accuracy per method and seed. `*_engines`: one Engine or a dict role -> Engine."""
+    if not test:
+        raise ValueError("evaluate: the test set is empty")
+    per_seed: dict[str, list[float]] = {m: [] for m in METHODS}
+    transitions = {"MA": {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 0},
+                   "MALT": {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 0}}
+    for seed in seeds:
+        subset = random.Random(seed).sample(test, min(questions, len(test)))
+        base = score(run_chains(base_engines, subset, chains, sampling, seed, prompts_path), subset)
+        per_seed["SA"].append(base["generator"])
+        per_seed["SA+MV@3"].append(base["generator_mv"])
+        per_seed["MA"].append(base["final"])
+        per_seed["MA+MV@3"].append(base["final_mv"])
+        for k in ("wrong_to_right", "right_to_wrong", "chains"):
+            transitions["MA"][k] += base[k]
+        if star_engines is not None:
+            star = score(run_chains(star_engines, subset, chains, sampling, seed, prompts_path),
+                         subset)
+            per_seed["STaR"].append(star["final"])
+        if trained_engines is not None:
+            malt = score(run_chains(trained_engines, subset, chains, sampling, seed,
+                                    prompts_path), subset)
+            per_seed["MALT"].append(malt["final"])
+            per_seed["MALT+MV@3"].append(malt["final_mv"])
+            for k in ("wrong_to_right", "right_to_wrong", "chains"):
+                transitions["MALT"][k] += malt[k]
+    methods = {}
+    for m, xs in per_seed.items():
+        if xs:
+            mean, std = mean_std(xs)
+            methods[m] = {"per_seed": xs, "mean": mean, "std": std}
+    if trained_engines is None:
+        transitions.pop("MALT")
+    return {"dataset": test[0].dataset, "seeds": list(seeds), "questions": questions,
+            "chains": chains, "methods": methods, "transitions": transitions}
+
+
+def write_report(results: dict, out_dir) -> dict:
+    """results.json, report.md (the paper's Table 1 layout) and plots/accuracy.png."""
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    from malt_fast.malt.trees import atomic_write_text
+
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    ds = results["dataset"]
+    lines = [f"# Results: {ds}", "",
+             f"{len(results['seeds'])} seeds × {results['questions']} test questions, "
+             f"{results['chains']} chains each; accuracy in %, mean ± std over seeds.", "",
+             f"| Method | {ds} |", "| --- | --- |"]
+    for m, r in results["methods"].items():
+        lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} |")
+    lines += ["", "Per-turn transitions between the generator's and the refiner's answer "
+              "(counted over all chains):", "",
+              "| Pipeline | wrong → right | right → wrong | chains |", "| --- | --- | --- | --- |"]
+    for name, t in results["transitions"].items():
+        lines.append(f"| {name} | {t['wrong_to_right']} | {t['right_to_wrong']} | {t['chains']} |")
+    atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    plot_accuracy(results, out_dir / "plots" / "accuracy.png")
+    return {"results": out_dir / "results.json", "report": out_dir / "report.md",
+            "plot": out_dir / "plots" / "accuracy.png"}
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    means = [100 * results["methods"][m]["mean"] for m in names]
+    stds = [100 * results["methods"][m]["std"] for m in names]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    ax.bar(names, means, yerr=stds, capsize=4, color="#4C72B0")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results['dataset']}: mean ± std over {len(results['seeds'])} seeds")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(results: dict) -> str:
+    rows = [f"{'method':<10} {'accuracy (%)':>16}"]
+    for m, r in results["methods"].items():
+        rows.append(f"{m:<10} {100 * r['mean']:>8.2f} ± {100 * r['std']:<6.2f}")
+    return "\n".join(rows)

@@ -1,0 +1,97 @@
+"""`malt-fast expand`: training questions -> trees.jsonl through the shared-prefix rollout engine.
+
+Questions are expanded in fixed chunks (fixed by position in the configured question list, not by
+what is left to do), each with a seed derived from the run seed and the chunk, so a rerun after a
+kill recomputes an unfinished chunk exactly as the first run would have, and writes only the trees
+that are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from malt_fast.data import Example
+from malt_fast.malt.answers import extract_answer, reward
+from malt_fast.malt.prompts import RolePrompts, load_prompts, question_text
+from malt_fast.malt.trees import TreeWriter, finished_ids
+from malt_fast.rollout.tree import LevelSampling, RoleLayout, expand_tree
+
+ROLES = ("generator", "verifier", "refiner")
+
+
+def role_layout(prompts: RolePrompts) -> RoleLayout:
+    """The questions passed to the engine are already rendered by `question_text`."""
+    return RoleLayout(question="{question}", verifier=prompts.verifier, refiner=prompts.refiner,
+                      system=prompts.system or None)
+
+
+def level_sampling(cfg: dict) -> dict[str, LevelSampling]:
+    """Per-role sampling from the run config's `sampling` section (paper: temperature 0.3)."""
+    s = cfg.get("sampling") or {}
+    budget = s.get("max_new_tokens", 256)
+    out = {}
+    for role in ROLES:
+        tokens = budget[role] if isinstance(budget, dict) else budget
+        out[role] = LevelSampling(max_new_tokens=int(tokens),
+                                  temperature=float(s.get("temperature", 0.3)),
+                                  top_p=float(s.get("top_p", 1.0)), top_k=int(s.get("top_k", 0)))
+    return out
+
+
+def tree_record(example: Example, raw: dict) -> dict:
+    """The engine's tree (texts + token ids) -> the DESIGN.md record, leaves scored."""
+    def leaf(node):
+        return {"text": node["text"],
+                "answer": extract_answer(node["text"], example.dataset, example.choices),
+                "reward": reward(node["text"], example.gold, example.dataset, example.choices)}
+
+    rec = {"id": example.id, "dataset": example.dataset, "question": example.question,
+           "gold": example.gold}
+    if example.choices:
+        rec["choices"] = example.choices
+    rec["generations"] = [
+        {"text": g["text"],
+         "answer": extract_answer(g["text"], example.dataset, example.choices),
+         "verifications": [{"text": v["text"], "refinements": [leaf(r) for r in v["refinements"]]}
+                           for v in g["verifications"]]}
+        for g in raw["generations"]]
+    return rec
+
+
+def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=None,
+               prompts_path=None, seed: int = 0, chunk: int = 8, metrics_path=None,
+               log=print) -> dict:
+    """Expand `examples` into `out_path` (trees.jsonl), skipping ids already written there."""
+    out_path = Path(out_path)
+    done = finished_ids(out_path, report=log)
+    sampling = sampling or {r: LevelSampling() for r in ROLES}
+    todo_chunks = [(c, examples[c:c + chunk]) for c in range(0, len(examples), chunk)]
+    todo_chunks = [(c, exs) for c, exs in todo_chunks if any(e.id not in done for e in exs)]
+    totals = {"questions": 0, "generated_tokens": 0, "prefill_tokens": 0, "wall_s": 0.0}
+    if not todo_chunks:
+        return totals
+    prompts_by_family: dict[str, RolePrompts] = {}
+    with TreeWriter(out_path, n) as writer:
+        for c, exs in todo_chunks:
+            family = exs[0].dataset if not exs[0].choices else "multiple_choice"
+            prompts = prompts_by_family.setdefault(family, load_prompts(prompts_path, family))
+            t0 = time.perf_counter()
+            raw, stats = expand_tree(engine, [question_text(e, prompts) for e in exs],
+                                     role_layout(prompts), n, sampling, seed=seed * 1_000_003 + c)
+            for e, tree in zip(exs, raw):
+                if e.id not in done:
+                    writer.write(tree_record(e, tree))
+                    totals["questions"] += 1
+            wall = time.perf_counter() - t0
+            totals["generated_tokens"] += stats.get("generated_tokens", 0)
+            totals["prefill_tokens"] += stats.get("prefill_tokens", 0)
+            totals["wall_s"] += wall
+            if metrics_path is not None:
+                rec = {"stage": "expand", "chunk": c, "questions": len(exs), "wall_s": wall,
+                       **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+    totals["tokens_per_s"] = totals["generated_tokens"] / max(totals["wall_s"], 1e-9)
+    return totals
