@@ -1,0 +1,254 @@
+// Fused linear log-prob on CPU: log p(y) = h.W[y] - logsumexp(h.W^T) without the [N x V] logits.
+//
+// Tokens whose target is ignore_index are dropped first (prompt tokens are most of a DPO batch).
+// The work is tiled [chunk_n tokens x chunk_v vocab]; the vocab loop is outer so each weight chunk is
+// converted to fp32 once and its grad_weight rows are finished (fp32) before moving on. All GEMMs run
+// in fp32 with fp32 outputs: on this class of CPU (AVX-512, no AMX) oneDNN's bf16 GEMM is slower than
+// MKL's fp32 one, and fp32 logits keep the LSE exact to ~1e-6.
+// Extra memory: one fp32 tile, one fp32 weight chunk (+ its grad), fp32 [N_valid, H] for the hidden
+// states (only when it fits `h_budget`, else converted per token chunk) and grad_hidden.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// The per-tile softmax work is ~100M exp() calls per forward at benchmark sizes; scalar expf would
+// cost as much as the GEMMs, and libmvec cannot be linked from here, hence an AVX-512 exp.
+#ifdef __AVX512F__
+inline __m512 exp16(__m512 x) {
+  // e^x = 2^n * e^r, n = round(x / ln2), |r| <= ln2/2; degree-7 Taylor for e^r (rel. err ~5e-9
+  // before fp32 rounding). Clamping at -104 sends -inf (masked columns) to an exact 0 via scalef.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+inline float row_max(const float* r, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16)
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - j), r + j));
+  return _mm512_reduce_max_ps(m);
+}
+
+inline float row_sum_exp(const float* r, int64_t n, float shift) {
+  __m512 s = _mm512_setzero_ps();
+  const __m512 c = _mm512_set1_ps(shift);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    s = _mm512_mask_add_ps(s, k, s, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, r + j), c)));
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+// r[j] = scale * exp(r[j] - shift)
+inline void row_scaled_exp(float* r, int64_t n, float shift, float scale) {
+  const __m512 c = _mm512_set1_ps(shift), a = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(k, r + j);
+    _mm512_mask_storeu_ps(r + j, k, _mm512_mul_ps(a, exp16(_mm512_sub_ps(v, c))));
+  }
+}
+#else
+inline float row_max(const float* r, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = r[j] > m ? r[j] : m;
+  return m;
+}
+inline float row_sum_exp(const float* r, int64_t n, float shift) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += std::exp(r[j] - shift);
+  return s;
+}
+inline void row_scaled_exp(float* r, int64_t n, float shift, float scale) {
+  for (int64_t j = 0; j < n; ++j) r[j] = scale * std::exp(r[j] - shift);
+}
+#endif
+
+constexpr int64_t kHiddenBudgetBytes = 64ll << 20;
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && targets.dim() == 1,
+              "linear_logprob: expected hidden [N, H], weight [V, H], targets [N]");
+  TORCH_CHECK(hidden.size(1) == weight.size(1) && hidden.size(0) == targets.size(0),
+              "linear_logprob: shapes do not match");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(),
+              "linear_logprob: hidden and weight dtypes differ");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "linear_logprob: targets must be int64");
+}
+
+// fp32 copy of the valid token rows [n0, n0 + n) (a view when already fp32 and nothing is dropped)
+at::Tensor rows_f32(const at::Tensor& hidden, const at::Tensor& idx, bool all_valid, int64_t n0,
+                    int64_t n) {
+  if (all_valid) return hidden.narrow(0, n0, n).to(at::kFloat).contiguous();
+  return hidden.index_select(0, idx.narrow(0, n0, n)).to(at::kFloat);
+}
+
+struct Valid {
+  at::Tensor idx;  // positions of valid tokens
+  at::Tensor y;    // their targets
+  bool all;
+};
+
+Valid valid_tokens(const at::Tensor& targets, int64_t ignore_index, int64_t V) {
+  auto mask = targets.ne(ignore_index);
+  auto idx = mask.nonzero().squeeze(1);
+  auto y = targets.index_select(0, idx);
+  if (y.numel() > 0) {
+    auto lo = y.min().item<int64_t>(), hi = y.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < V, "linear_logprob: target ", lo < 0 ? lo : hi,
+                " outside the vocabulary [0, ", V, ") and not ignore_index ", ignore_index);
+  }
+  return {idx, y.contiguous(), idx.size(0) == targets.size(0)};
+}
+
+// lse_c = logaddexp(lse_c, logsumexp(z, 1)) and tgt_c += z[i, y_i - v0] for targets in the chunk,
+// in one pass over each row.
+void absorb_tile(const at::Tensor& z, float* lse, float* tgt, const int64_t* y, int64_t v0) {
+  const int64_t rows = z.size(0), cols = z.size(1);
+  const float* zp = z.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* r = zp + i * cols;
+      const float m = row_max(r, cols);
+      const float tile = m + std::log(row_sum_exp(r, cols, m));
+      const float hi = std::max(lse[i], tile), lo = std::min(lse[i], tile);
+      lse[i] = hi + std::log1p(std::exp(lo - hi));  // lo = -inf on the first tile: exp -> 0
+      const int64_t local = y[i] - v0;
+      if (local >= 0 && local < cols) tgt[i] += r[local];
+    }
+  });
+}
+
+// z <- g * (onehot(y) - exp(z - lse)) in place
+void dlogits_tile(at::Tensor& z, const float* lse, const float* g, const int64_t* y, int64_t v0) {
+  const int64_t rows = z.size(0), cols = z.size(1);
+  float* zp = z.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* r = zp + i * cols;
+      const float l = lse[i], gi = -g[i];
+      row_scaled_exp(r, cols, l, gi);
+      const int64_t local = y[i] - v0;
+      if (local >= 0 && local < cols) r[local] += g[i];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
+                                           const at::Tensor& targets, int64_t ignore_index,
+                                           int64_t chunk_n, int64_t chunk_v) {
+  check_inputs(hidden_in, weight_in, targets);
+  TORCH_CHECK(chunk_n > 0 && chunk_v > 0, "linear_logprob: chunk sizes must be positive");
+  auto hidden = hidden_in.contiguous();
+  auto weight = weight_in.contiguous();
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  auto fopt = hidden.options().dtype(at::kFloat);
+  auto logp = at::zeros({N}, fopt);
+  auto lse_all = at::zeros({N}, fopt);
+  if (N == 0) return {logp, lse_all};
+  auto vt = valid_tokens(targets, ignore_index, V);
+  const int64_t Nv = vt.idx.size(0);
+  if (Nv == 0) return {logp, lse_all};
+  auto lse = at::full({Nv}, -std::numeric_limits<float>::infinity(), fopt);
+  auto tgt = at::zeros({Nv}, fopt);
+  const bool keep_h = Nv * H * 4 <= kHiddenBudgetBytes;
+  at::Tensor h_all = keep_h ? rows_f32(hidden, vt.idx, vt.all, 0, Nv) : at::Tensor();
+  const int64_t* y = vt.y.data_ptr<int64_t>();
+  for (int64_t v0 = 0; v0 < V; v0 += chunk_v) {
+    const int64_t vc = std::min(chunk_v, V - v0);
+    auto w = weight.narrow(0, v0, vc).to(at::kFloat);
+    auto wt = w.t();
+    for (int64_t n0 = 0; n0 < Nv; n0 += chunk_n) {
+      const int64_t nc = std::min(chunk_n, Nv - n0);
+      auto h = keep_h ? h_all.narrow(0, n0, nc) : rows_f32(hidden, vt.idx, vt.all, n0, nc);
+      auto z = at::mm(h, wt);
+      absorb_tile(z, lse.data_ptr<float>() + n0, tgt.data_ptr<float>() + n0, y + n0, v0);
+    }
+  }
+  logp.index_copy_(0, vt.idx, tgt - lse);
+  lse_all.index_copy_(0, vt.idx, lse);
+  return {logp, lse_all};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& hidden_in,
+                                            const at::Tensor& weight_in,
+                                            const at::Tensor& targets, const at::Tensor& lse_all,
+                                            const at::Tensor& grad_in, int64_t ignore_index,
+                                            bool need_h, bool need_w, int64_t chunk_n,
+                                            int64_t chunk_v) {
+  check_inputs(hidden_in, weight_in, targets);
+  auto hidden = hidden_in.contiguous();
+  auto weight = weight_in.contiguous();
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  auto fopt = hidden.options().dtype(at::kFloat);
+  auto grad_h = need_h ? at::zeros({N, H}, hidden.options()) : at::Tensor();
+  auto grad_w = need_w ? at::zeros({V, H}, weight.options()) : at::Tensor();
+  auto vt = valid_tokens(targets, ignore_index, V);
+  const int64_t Nv = vt.idx.size(0);
+  if (Nv == 0 || !(need_h || need_w)) return {grad_h, grad_w};
+  auto lse = lse_all.index_select(0, vt.idx).contiguous();
+  auto g = grad_in.to(at::kFloat).index_select(0, vt.idx).contiguous();
+  auto gh = need_h ? at::zeros({Nv, H}, fopt) : at::Tensor();
+  const bool keep_h = Nv * H * 4 <= kHiddenBudgetBytes;
+  at::Tensor h_all = keep_h ? rows_f32(hidden, vt.idx, vt.all, 0, Nv) : at::Tensor();
+  const bool w_is_f32 = weight.scalar_type() == at::kFloat;
+  const int64_t* y = vt.y.data_ptr<int64_t>();
+  for (int64_t v0 = 0; v0 < V; v0 += chunk_v) {
+    const int64_t vc = std::min(chunk_v, V - v0);
+    auto w = weight.narrow(0, v0, vc).to(at::kFloat);
+    // fp32 weights: accumulate straight into the output rows
+    auto gw = !need_w ? at::Tensor() : w_is_f32 ? grad_w.narrow(0, v0, vc) : at::zeros({vc, H}, fopt);
+    for (int64_t n0 = 0; n0 < Nv; n0 += chunk_n) {
+      const int64_t nc = std::min(chunk_n, Nv - n0);
+      auto h = keep_h ? h_all.narrow(0, n0, nc) : rows_f32(hidden, vt.idx, vt.all, n0, nc);
+      auto z = at::mm(h, w.t());
+      dlogits_tile(z, lse.data_ptr<float>() + n0, g.data_ptr<float>() + n0, y + n0, v0);
+      if (need_h) gh.narrow(0, n0, nc).addmm_(z, w);
+      if (need_w) gw.addmm_(z.t(), h);
+    }
+    if (need_w && !w_is_f32) grad_w.narrow(0, v0, vc).copy_(gw);
+  }
+  if (need_h) grad_h.index_copy_(0, vt.idx, gh.to(hidden.scalar_type()));
+  return {grad_h, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(malt_fast, m) {
+  m.def("linear_logprob_forward(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, "
+        "int chunk_n, int chunk_v) -> (Tensor, Tensor)");
+  m.def("linear_logprob_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, "
+        "Tensor grad, int ignore_index, bool need_h, bool need_w, int chunk_n, int chunk_v) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(malt_fast, CPU, m) {
+  m.impl("linear_logprob_forward", &forward);
+  m.impl("linear_logprob_backward", &backward);
+}
