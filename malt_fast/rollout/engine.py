@@ -1,0 +1,346 @@
+"""Batched sampling over the paged cache with continuous batching.
+
+Work arrives as `Request`s: a context (token ids), n branches to sample after it, a budget, stop
+strings, and optionally a sequence already in the cache that holds a prefix of the context. The
+loop admits requests while decode slots and cache blocks allow, prefills what the cache lacks
+(once per request, then forks the n branches), and decodes every live branch one token per step.
+A branch that ends frees its slot at once and the next waiting request takes it.
+
+Completions include the EOS token when the model emitted one (as `transformers.generate` does);
+a completion cut by a stop string excludes the stop string and has no EOS.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from malt_fast.errors import MaltError
+from malt_fast.rollout.paged_cache import CacheFull, PagedKVCache
+from malt_fast.rollout.sampling import SamplingParams, branch_generator, sample
+
+
+@dataclass
+class Request:
+    context: list[int]
+    n: int
+    max_new_tokens: int
+    params: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    path: tuple[int, ...] = ()  # branch j draws from branch_generator(seed, *path, j)
+    parent: int | None = None  # cache sequence holding a prefix of `context`; the request owns it
+    keep: bool = False  # leave each finished branch's sequence in the cache (for children)
+    on_done: Callable[["Request", list["Completion"]], None] | None = None
+    tag: Any = None  # the caller's data, handed back untouched through on_done
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finish: str  # "eos" | "stop" | "length"
+    text: str | None = None  # exact text (cut at the stop string) when a tokenizer is present
+    seq: int | None = None  # cache sequence (context + tokens, or a prefix of it) when kept
+
+
+@dataclass
+class _Branch:
+    request: Request
+    index: int
+    seq: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    result: Completion | None = None
+    unchanged: int | None = None  # leading sampled tokens a stop-string cut left as they were
+
+
+@dataclass
+class _Group:
+    request: Request
+    branches: list[_Branch]
+
+
+class Engine:
+    """Generates from one model with a paged KV cache.
+
+    prefix_reuse=False prefills every branch's whole context itself (the baseline the shared
+    prefix is measured against); everything else is the same.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 64, cache_tokens: int = 65536,
+                 block_size: int = 16, max_prefill_tokens: int = 4096,
+                 decode_backend: str = "auto", prefix_reuse: bool = True,
+                 eos_token_ids: list[int] | None = None, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.prefix_reuse, self.progress = prefix_reuse, progress
+        p = next(model.parameters())
+        self.cache = PagedKVCache(model.config, -(-cache_tokens // block_size), block_size,
+                                  dtype=p.dtype, device=p.device, decode_backend=decode_backend)
+        if eos_token_ids is None:
+            eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
+            eos_token_ids += [e for e in model.config.eos_token_ids if e not in eos_token_ids]
+        self.eos = set(eos_token_ids)
+        self.stats = self._zero_stats()
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------ public API
+
+    def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, stop=None, seed: int = 0,
+                 top_k: int = 0) -> list[list[list[int]]]:
+        """Per prompt, n completions (token ids, prompt excluded). Same seed, same samples."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise MaltError("generate: every prompt needs at least one token")
+        if n < 1 or max_new_tokens < 1:
+            raise MaltError(f"generate: n={n} and max_new_tokens={max_new_tokens} must be >= 1")
+        stop = _stop_tuple(stop)
+        if stop and self.tokenizer is None:
+            raise MaltError("generate: stop strings need the engine to have a tokenizer")
+        params = SamplingParams(temperature, top_p, top_k)
+        results: list[list[list[int]] | None] = [None] * len(prompts)
+
+        def done(req, comps):
+            results[req.path[0]] = [c.tokens for c in comps]
+
+        reqs = [Request(list(p), n, max_new_tokens, params, stop, seed, (i,), on_done=done)
+                for i, p in enumerate(prompts)]
+        self.run(reqs)
+        return results
+
+    def expand_tree(self, questions: list[str], layout, n: int = 3, sampling=None,
+                    seed: int = 0) -> tuple[list[dict], dict]:
+        """The G→V→R tree per question with every role on this engine; see `tree.expand_tree`."""
+        from malt_fast.rollout.tree import expand_tree  # tree builds on the engine
+
+        return expand_tree(self, questions, layout, n=n, sampling=sampling, seed=seed)
+
+    def run(self, requests: list[Request]) -> dict:
+        """Serve the requests (and any a callback submits) to completion; returns the stats."""
+        self._waiting = deque(requests)
+        self.stats = self._zero_stats()
+        t0 = time.perf_counter()
+        total = sum(r.n * r.max_new_tokens for r in requests)
+        with torch.inference_mode(), tqdm(total=total, unit="tok", disable=not self.progress,
+                                          desc="rollout", dynamic_ncols=True) as bar:
+            self._bar = bar
+            active: list[_Branch] = []
+            groups: dict[int, _Group] = {}
+            while self._waiting or active:
+                # a branch's first token (sampled at prefill) may already end it
+                active = self._retire(active + self._admit(active, groups), groups)
+                if active:
+                    self._decode_step(active)
+                    active = self._retire(active, groups)
+        self.stats["wall_s"] = time.perf_counter() - t0
+        self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
+        self.stats["peak_cache_blocks"] = self.cache.peak_used
+        self.last_stats = dict(self.stats)
+        return self.last_stats
+
+    def submit(self, request: Request) -> None:
+        """Queue more work from inside an `on_done` callback of the running loop.
+
+        It goes ahead of requests not yet started: finishing started work first bounds the
+        blocks held by kept sequences waiting for their children."""
+        self._waiting.appendleft(request)
+        self._bar.total += request.n * request.max_new_tokens
+        self._bar.refresh()
+
+    def release(self, seq: int) -> None:
+        self.cache.release(seq)
+
+    # ------------------------------------------------------------ scheduling
+
+    @staticmethod
+    def _zero_stats() -> dict:
+        return dict(prefill_tokens=0, generated_tokens=0, decode_steps=0, wall_s=0.0,
+                    tokens_per_s=0.0, peak_cache_blocks=0)
+
+    def _worst_blocks(self, req: Request) -> int:
+        """Blocks a request may still take: its prefill, then every branch's full budget
+        (+1 each for a copied shared tail block)."""
+        c = self.cache
+        prefill_rows = 1 if self.prefix_reuse else req.n
+        prefill = prefill_rows * (c.blocks_for(len(req.context)) + 1)
+        return prefill + req.n * (c.blocks_for(req.max_new_tokens) + 1)
+
+    def _branch_reserve(self, b: _Branch) -> int:
+        left = b.request.max_new_tokens - len(b.tokens)
+        return self.cache.blocks_for(left) + 1
+
+    def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
+        """Start waiting requests that fit in the free slots, blocks and prefill budget."""
+        c = self.cache
+        budget = len(c.free) - sum(self._branch_reserve(b) for b in active)
+        slots = self.max_batch - len(active)
+        chosen, tokens = [], 0
+        while self._waiting:
+            req = self._waiting[0]
+            need = self._worst_blocks(req)
+            if need > c.num_blocks:
+                raise CacheFull(f"KV cache too small: one request of {len(req.context)} context "
+                                f"tokens, n={req.n}, {req.max_new_tokens} new tokens needs up to "
+                                f"{need} blocks of {c.block_size}, the cache has {c.num_blocks}")
+            if req.n > self.max_batch:
+                raise MaltError(f"a request has n={req.n} branches, more than the engine's "
+                                f"max_batch={self.max_batch}")
+            new_tokens = self._prefill_len(req) * (1 if self.prefix_reuse else req.n)
+            fits = (req.n <= slots and need <= budget
+                    and (not chosen or tokens + new_tokens <= self.max_prefill_tokens))
+            if not fits:
+                break
+            self._waiting.popleft()
+            chosen.append(req)
+            slots -= req.n
+            budget -= need
+            tokens += new_tokens
+        if not chosen:
+            if not active and self._waiting:
+                raise CacheFull(f"KV cache full: {c.used_blocks} of {c.num_blocks} blocks are held "
+                                f"by kept sequences, the next request needs up to "
+                                f"{self._worst_blocks(self._waiting[0])}")
+            return []
+        return self._prefill(chosen, groups)
+
+    def _prefill_len(self, req: Request) -> int:
+        if req.parent is not None and self.prefix_reuse:
+            return len(req.context) - self.cache.length(req.parent)
+        return len(req.context)
+
+    def _prefill(self, reqs: list[Request], groups: dict[int, _Group]) -> list[_Branch]:
+        """One forward over every row the chosen requests need, then their first tokens."""
+        c = self.cache
+        rows, row_tokens, owners = [], [], []  # owners[i] = (request, branch indices of row i)
+        for req in reqs:
+            if req.parent is not None and not self.prefix_reuse:
+                c.release(req.parent)
+                req.parent = None
+            if self.prefix_reuse:
+                start = 0
+                if req.parent is not None:
+                    start = c.length(req.parent)
+                    if start >= len(req.context):
+                        raise ValueError("a request's context must extend its parent's cache")
+                    seq = req.parent
+                else:
+                    seq = c.new_sequence()
+                rows.append(seq)
+                row_tokens.append(req.context[start:])
+                owners.append((req, list(range(req.n))))
+            else:
+                for j in range(req.n):
+                    rows.append(c.new_sequence())
+                    row_tokens.append(req.context)
+                    owners.append((req, [j]))
+        last_logits = self._forward(rows, row_tokens)
+        self.stats["prefill_tokens"] += sum(len(t) for t in row_tokens)
+        branches = []
+        for (req, idx), seq, logits in zip(owners, rows, last_logits):
+            seqs = [seq] + (c.fork(seq, len(idx) - 1) if len(idx) > 1 else [])
+            group = groups.setdefault(id(req), _Group(req, [None] * req.n))
+            for j, s in zip(idx, seqs):
+                b = _Branch(req, j, s, branch_generator(req.seed, *req.path, j))
+                group.branches[j] = b
+                branches.append(b)
+            first = sample(logits[None].expand(len(idx), -1), [req.params] * len(idx),
+                           [group.branches[j].generator for j in idx])
+            for j, tok in zip(idx, first.tolist()):
+                self._append(group.branches[j], tok)
+        return branches
+
+    def _forward(self, seqs: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """Extend each sequence by its tokens; logits [B, V] at each row's last new token."""
+        n_new = [len(t) for t in tokens]
+        T = max(n_new)
+        device = self.cache.k.device
+        ids = torch.zeros(len(seqs), T, dtype=torch.int64)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        positions = self.cache.begin(seqs, n_new)
+        h = self.model.hidden_states(ids.to(device), positions, cache=self.cache)
+        last = torch.tensor(n_new, device=device) - 1
+        h_last = h[torch.arange(len(seqs), device=device), last]
+        return self.model.lm_head(h_last)
+
+    def _decode_step(self, active: list[_Branch]) -> None:
+        logits = self._forward([b.seq for b in active], [[b.tokens[-1]] for b in active])
+        self.stats["decode_steps"] += 1
+        toks = sample(logits, [b.request.params for b in active], [b.generator for b in active])
+        for b, tok in zip(active, toks.tolist()):
+            self._append(b, tok)
+
+    def _append(self, b: _Branch, tok: int) -> None:
+        b.tokens.append(tok)
+        self.stats["generated_tokens"] += 1
+        self._bar.update(1)
+        req = b.request
+        if tok in self.eos:
+            b.result = Completion(list(b.tokens), "eos")
+        elif req.stop and (cut := self._stop_cut(b.tokens, req.stop)) is not None:
+            b.result = Completion(cut[0], "stop", text=cut[1])
+            b.unchanged = cut[2]
+        elif len(b.tokens) >= req.max_new_tokens:
+            b.result = Completion(list(b.tokens), "length")
+
+    def _stop_cut(self, tokens: list[int], stop: tuple[str, ...]):
+        """(token ids, text, count of unchanged sampled tokens) if the text now holds a stop
+        string; the ids decode to exactly the text before the first stop string."""
+        tok = self.tokenizer
+        window = max(len(s) for s in stop) + 8
+        if not any(s in tok.decode(tokens[-window:]) for s in stop):
+            return None
+        text = tok.decode(tokens)
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if not hits:
+            return None
+        cut = text[: min(hits)]
+        m = len(tokens)
+        while m and not cut.startswith(tok.decode(tokens[:m])):
+            m -= 1
+        # a token that straddles the stop string's start is replaced by its text before it
+        rest = cut[len(tok.decode(tokens[:m])):]
+        return tokens[:m] + (tok.encode(rest) if rest else []), cut, m
+
+    def _retire(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
+        """Drop finished branches; report each request whose branches have all finished."""
+        done = [b for b in active if b.result is not None]
+        for b in done:
+            self._finish(b)
+        for b in done:
+            group = groups.get(id(b.request))
+            if group is None or any(x is None or x.result is None for x in group.branches):
+                continue
+            del groups[id(b.request)]
+            if b.request.on_done is not None:
+                b.request.on_done(b.request, [x.result for x in group.branches])
+        return [b for b in active if b.result is None]
+
+    def _finish(self, b: _Branch) -> None:
+        res = b.result
+        if self.tokenizer is not None and res.text is None:
+            res.text = self.tokenizer.decode(res.tokens)
+        if not b.request.keep:
+            self.cache.release(b.seq)
+            return
+        # the cache holds the context and every sampled token but the last (fed next step);
+        # keep only what is still valid for the returned tokens
+        kept = len(res.tokens) if b.unchanged is None else b.unchanged
+        valid = len(b.request.context) + min(kept, len(b.tokens) - 1)
+        self.cache.truncate(b.seq, min(valid, self.cache.length(b.seq)))
+        res.seq = b.seq
+
+
+def _stop_tuple(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if any(not s for s in stop):
+        raise MaltError("generate: stop strings must be non-empty")
+    return tuple(stop)

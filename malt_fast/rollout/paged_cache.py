@@ -1,0 +1,235 @@
+"""Paged KV cache: a preallocated pool of fixed-size blocks, per-sequence block tables, refcounts.
+
+Sequences that share a prefix share its blocks. `fork` copies nothing: every block of the parent
+gains a reference, and a shared block that is only partly filled is copied the first time a
+branch writes into it (copy-on-write), so only that one block is ever duplicated per branch.
+
+The model talks to the cache through `attend(layer_idx, q, k, v)`; the engine first calls
+`begin(seq_ids, n_new)` to say which sequences the forward extends and by how many tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from malt_fast.errors import MaltError
+from malt_fast.model.llama import LlamaConfig, attention
+
+
+class CacheFull(MaltError):
+    """The pool has fewer free blocks than an operation needs."""
+
+
+@dataclass
+class Sequence:
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+def reference_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
+    """Plain torch paged decode attention (gathers each sequence's blocks); q [B, Hq, D]."""
+    B, Hq, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(context_lens[b])
+        blocks = block_tables[b, : (n + bs - 1) // bs].long()
+        k = k_pool[blocks].reshape(-1, Hkv, D)[:n].float()
+        v = v_pool[blocks].reshape(-1, Hkv, D)[:n].float()
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def cpp_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
+    import malt_fast._C  # noqa: F401  (registers torch.ops.malt_fast.*)
+
+    return torch.ops.malt_fast.paged_decode_attention(q, k_pool, v_pool, block_tables,
+                                                      context_lens, scale)
+
+
+def triton_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
+    from malt_fast.kernels.decode_attention import paged_decode_attention
+
+    return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+
+
+DECODE_BACKENDS = {"torch": reference_decode_attention, "cpp": cpp_decode_attention,
+                   "triton": triton_decode_attention}
+
+
+class PagedKVCache:
+    """Block pool for every layer of one model plus the bookkeeping of the sequences in it."""
+
+    def __init__(self, cfg: LlamaConfig, num_blocks: int, block_size: int = 16,
+                 dtype=torch.float32, device="cpu", decode_backend: str = "auto"):
+        if decode_backend == "auto":
+            decode_backend = "triton" if torch.device(device).type == "cuda" else "cpp"
+        if decode_backend not in DECODE_BACKENDS:
+            raise ValueError(f"decode_backend {decode_backend!r}: one of {sorted(DECODE_BACKENDS)}")
+        self.decode_attention = DECODE_BACKENDS[decode_backend]
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.n_layers = cfg.num_hidden_layers
+        self.scale = cfg.head_dim ** -0.5
+        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                 cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.refcount = [0] * num_blocks
+        # pop() hands out low block ids first, which keeps tests readable
+        self.free = list(range(num_blocks - 1, -1, -1))
+        self.seqs: dict[int, Sequence] = {}
+        self._next_id = 0
+        self.peak_used = 0
+        self._step = None
+
+    # ------------------------------------------------------------ bookkeeping
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def new_sequence(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self.seqs[sid] = Sequence()
+        return sid
+
+    def length(self, sid: int) -> int:
+        return self.seqs[sid].length
+
+    def fork(self, sid: int, n: int) -> list[int]:
+        """n new sequences that share all of `sid`'s blocks (no copy until one of them writes)."""
+        parent = self.seqs[sid]
+        children = []
+        for _ in range(n):
+            child = self.new_sequence()
+            self.seqs[child] = Sequence(list(parent.blocks), parent.length)
+            for b in parent.blocks:
+                self.refcount[b] += 1
+            children.append(child)
+        return children
+
+    def release(self, sid: int) -> None:
+        for b in self.seqs.pop(sid).blocks:
+            self._decref(b)
+
+    def truncate(self, sid: int, length: int) -> None:
+        """Forget tokens from `length` on; blocks wholly past it are released."""
+        seq = self.seqs[sid]
+        if not 0 <= length <= seq.length:
+            raise ValueError(f"truncate to {length}: sequence has {seq.length} tokens")
+        keep = self.blocks_for(length)
+        for b in seq.blocks[keep:]:
+            self._decref(b)
+        del seq.blocks[keep:]
+        seq.length = length
+
+    def _alloc(self) -> int:
+        if not self.free:
+            raise CacheFull(f"KV cache full: all {self.num_blocks} blocks of {self.block_size} "
+                            f"tokens are in use; build the engine with more cache blocks")
+        b = self.free.pop()
+        self.refcount[b] = 1
+        self.peak_used = max(self.peak_used, self.used_blocks)
+        return b
+
+    def _decref(self, b: int) -> None:
+        self.refcount[b] -= 1
+        if self.refcount[b] == 0:
+            self.free.append(b)
+
+    def blocks_needed(self, sid: int, n_new: int) -> int:
+        """Fresh blocks `reserve(sid, n_new)` would take: new blocks plus a copied shared tail."""
+        seq = self.seqs[sid]
+        need = self.blocks_for(seq.length + n_new) - len(seq.blocks)
+        if seq.length % self.block_size and self.refcount[seq.blocks[-1]] > 1 and n_new:
+            need += 1
+        return need
+
+    def reserve(self, sid: int, n_new: int) -> None:
+        """Make room to write n_new more tokens, copying a shared partial tail block first."""
+        seq = self.seqs[sid]
+        if self.blocks_needed(sid, n_new) > len(self.free):
+            raise CacheFull(f"KV cache full: writing {n_new} tokens needs "
+                            f"{self.blocks_needed(sid, n_new)} free blocks, {len(self.free)} of "
+                            f"{self.num_blocks} are free; build the engine with more cache blocks")
+        if n_new and seq.length % self.block_size and self.refcount[seq.blocks[-1]] > 1:
+            old = seq.blocks[-1]
+            new = self._alloc()
+            self.k[:, new] = self.k[:, old]
+            self.v[:, new] = self.v[:, old]
+            self._decref(old)
+            seq.blocks[-1] = new
+        while len(seq.blocks) < self.blocks_for(seq.length + n_new):
+            seq.blocks.append(self._alloc())
+
+    # ------------------------------------------------------------ one forward
+
+    def begin(self, seq_ids: list[int], n_new: list[int]) -> torch.Tensor:
+        """Prepare a forward that appends n_new[i] tokens to seq_ids[i]; returns positions [B, T].
+
+        Rows are right-padded to max(n_new); padded tokens are neither written nor attended.
+        """
+        for sid, n in zip(seq_ids, n_new):
+            self.reserve(sid, n)
+        device = self.k.device
+        T = max(n_new)
+        starts = torch.tensor([self.seqs[s].length for s in seq_ids], dtype=torch.int64)
+        n_new_t = torch.tensor(n_new, dtype=torch.int64)
+        positions = starts[:, None] + torch.arange(T)[None, :]
+        real = torch.arange(T)[None, :] < n_new_t[:, None]
+        max_blocks = max(len(self.seqs[s].blocks) for s in seq_ids)
+        tables = torch.zeros(len(seq_ids), max_blocks, dtype=torch.int64)
+        for i, s in enumerate(seq_ids):
+            blocks = self.seqs[s].blocks
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        bs = self.block_size
+        block_of = torch.gather(tables, 1, (positions // bs).clamp(max=max_blocks - 1))
+        slots = (block_of * bs + positions % bs)[real]
+        self._step = dict(
+            T=T, positions=positions.to(device), real=real.to(device),
+            slots=slots.to(device), tables=tables.to(device),
+            ctx_lens=(starts + n_new_t).to(device),
+            tables32=tables.to(torch.int32).to(device),
+            ctx_lens32=(starts + n_new_t).to(torch.int32).to(device))
+        for sid, n in zip(seq_ids, n_new):
+            self.seqs[sid].length += n
+        return positions.to(device)
+
+    def attend(self, layer_idx: int, q, k, v):
+        """Write this forward's k/v [B, Hkv, T, D] into the blocks, then attend over the context."""
+        st = self._step
+        B, Hkv, T, D = k.shape
+        flat = self.k.shape[1] * self.block_size
+        k_flat = self.k[layer_idx].view(flat, Hkv, D)
+        v_flat = self.v[layer_idx].view(flat, Hkv, D)
+        real = st["real"]
+        k_flat.index_copy_(0, st["slots"], k.transpose(1, 2)[real].to(k_flat.dtype))
+        v_flat.index_copy_(0, st["slots"], v.transpose(1, 2)[real].to(v_flat.dtype))
+        if T == 1:
+            out = self.decode_attention(q[:, :, 0].to(self.k.dtype), self.k[layer_idx],
+                                        self.v[layer_idx], st["tables32"], st["ctx_lens32"],
+                                        self.scale)
+            return out.to(q.dtype).unsqueeze(2)
+        return self._prefill_attention(layer_idx, q, st)
+
+    def _prefill_attention(self, layer_idx, q, st):
+        """SDPA over each row's gathered context: prefill is rare and compute-bound, so a copy
+        of the context is cheap next to the matmuls that follow."""
+        tables = st["tables"]
+        B, nb = tables.shape
+        _, _, Hkv, D = self.k.shape[1:]
+        k = self.k[layer_idx][tables].view(B, nb * self.block_size, Hkv, D).transpose(1, 2)
+        v = self.v[layer_idx][tables].view(B, nb * self.block_size, Hkv, D).transpose(1, 2)
+        key_pos = torch.arange(nb * self.block_size, device=q.device)
+        mask = ((key_pos[None, None, :] <= st["positions"][:, :, None])
+                & (key_pos[None, None, :] < st["ctx_lens"][:, None, None]))
+        return attention(q, k.to(q.dtype), v.to(q.dtype), mask[:, None])

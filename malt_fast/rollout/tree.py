@@ -1,0 +1,203 @@
+"""G→V→R tree expansion over one chat transcript per path.
+
+The transcript is: system, user question, generator turn g, verifier-instruction user turn,
+verifier turn v, refiner-instruction user turn, refiner turn r. A verifier's context is its
+generator's context + g + the instruction turn, so when one engine (one set of weights) serves
+every role, a critique request extends g's sequence in the cache and only the instruction turn is
+prefilled; the same holds for refinements. Levels are pipelined: a question's critiques start as
+soon as its generations finish, so decode batches stay full.
+
+When the roles have different engines (different weights), each level is run on its own engine
+with the full context prefilled once per request and shared only by that request's n branches.
+
+Context token ids are built from the sampled tokens, never from re-encoded text, so the cache is
+reused exactly; the text between two turns comes from the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from malt_fast.errors import MaltError
+from malt_fast.rollout.engine import Completion, Engine, Request
+from malt_fast.rollout.sampling import SamplingParams
+
+ROLES = ("generator", "verifier", "refiner")
+_SENTINEL = "\x00TURN\x00"
+
+
+@dataclass
+class RoleLayout:
+    """The messages around the three turns; `{question}` in any of them is the question text."""
+
+    question: str = "{question}"  # the user turn the generator answers
+    verifier: str = ""  # the user turn asking for a critique of the generator's answer
+    refiner: str = ""  # the user turn asking for a corrected answer
+    system: str | None = None
+
+    def render(self, field: str, question: str) -> str:
+        # str.replace, not format: prompts may hold braces (\boxed{}, JSON)
+        return getattr(self, field).replace("{question}", question)
+
+
+@dataclass
+class LevelSampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.3
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k)
+
+
+class Transcript:
+    """Token ids of each role's context, built by appending turns to the previous context."""
+
+    def __init__(self, tokenizer, layout: RoleLayout):
+        if tokenizer is None:
+            raise MaltError("tree expansion needs the engine to have a tokenizer")
+        self.tok, self.layout = tokenizer, layout
+        self.eos = set(tokenizer.eos_token_ids)
+
+    def _messages(self, question: str) -> list[dict]:
+        msgs = [] if self.layout.system is None else [{"role": "system",
+                                                       "content": self.layout.system}]
+        return msgs + [{"role": "user", "content": self.layout.render("question", question)}]
+
+    def generator_context(self, question: str) -> list[int]:
+        return self.tok.apply_chat_template(self._messages(question), add_generation_prompt=True)
+
+    def next_context(self, context: list[int], reply: list[int], question: str,
+                     instruction_field: str) -> list[int]:
+        """context + reply (trailing EOS dropped) + the template's text that closes the reply,
+        opens the instruction turn and the next assistant turn."""
+        msgs = self._messages(question)
+        before = self.tok.chat_text(msgs, add_generation_prompt=True)
+        msgs = msgs + [{"role": "assistant", "content": _SENTINEL},
+                       {"role": "user", "content": self.layout.render(instruction_field, question)}]
+        full = self.tok.chat_text(msgs, add_generation_prompt=True)
+        at = full.find(_SENTINEL)
+        if at < 0 or full[:at] != before:
+            raise MaltError("the tokenizer's chat template does not render an assistant turn as "
+                            "a continuation of the generation prompt; shared-prefix expansion "
+                            "needs one transcript")
+        if reply and reply[-1] in self.eos:
+            reply = reply[:-1]
+        # every turn's prefix (system, question, ...) is the same text, so only this suffix
+        # differs between levels; `before` only checks that assumption
+        between = full[at + len(_SENTINEL):]
+        return list(context) + list(reply) + self.tok.encode(between)
+
+
+def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
+                sampling: LevelSampling | dict[str, LevelSampling] | None = None,
+                seed: int = 0) -> tuple[list[dict], dict]:
+    """n generations per question, n critiques per generation, n refinements per critique.
+
+    `engines` is one Engine for every role, or a dict role → Engine. Returns (trees, stats):
+    trees[i] = {"question", "generations": [{"text", "tokens", "finish", "verifications":
+    [{..., "refinements": [{"text", "tokens", "finish"}]}]}]}; stats sums the engines' runs.
+    """
+    if isinstance(engines, Engine):
+        engines = {r: engines for r in ROLES}
+    missing = [r for r in ROLES if r not in engines]
+    if missing:
+        raise MaltError(f"expand_tree: no engine for role(s) {missing}")
+    if not isinstance(sampling, dict):
+        sampling = {r: sampling or LevelSampling() for r in ROLES}
+    transcript = Transcript(engines["generator"].tokenizer, layout)
+    trees = [{"question": q, "generations": []} for q in questions]
+    shared = engines["generator"] is engines["verifier"] is engines["refiner"]
+    expand = _expand_shared if shared else _expand_per_role
+    stats = expand(engines, transcript, questions, trees, n, sampling, seed)
+    return trees, stats
+
+
+def _node(c: Completion) -> dict:
+    return {"text": c.text, "tokens": c.tokens, "finish": c.finish}
+
+
+def _request(level: int, ctx: list[int], n: int, s: LevelSampling, seed: int, path: tuple,
+             **kw) -> Request:
+    return Request(ctx, n, s.max_new_tokens, s.params(), tuple(s.stop), seed, (level,) + path,
+                   **kw)
+
+
+def _expand_shared(engines, transcript, questions, trees, n, sampling, seed) -> dict:
+    """One engine: children extend their parent's cache sequence; levels run interleaved."""
+    engine = engines["generator"]
+    reuse = engine.prefix_reuse
+
+    def on_refinements(req, comps):
+        req.tag["refinements"] = [_node(c) for c in comps]
+
+    def on_verifications(req, comps):
+        node, question = req.tag
+        node["verifications"] = []
+        for k, c in enumerate(comps):
+            child_node = _node(c)
+            node["verifications"].append(child_node)
+            ctx = transcript.next_context(req.context, c.tokens, question, "refiner")
+            child = _request(2, ctx, n, sampling["refiner"], seed, req.path[1:] + (k,),
+                             parent=c.seq, on_done=on_refinements, tag=child_node)
+            engine.submit(child)
+
+    def on_generations(req, comps):
+        tree = trees[req.path[1]]
+        for j, c in enumerate(comps):
+            node = _node(c)
+            tree["generations"].append(node)
+            ctx = transcript.next_context(req.context, c.tokens, tree["question"], "verifier")
+            child = _request(1, ctx, n, sampling["verifier"], seed, req.path[1:] + (j,),
+                             parent=c.seq, keep=True, on_done=on_verifications,
+                             tag=(node, tree["question"]))
+            engine.submit(child)
+
+    roots = [_request(0, transcript.generator_context(q), n, sampling["generator"], seed, (i,),
+                      keep=True, on_done=on_generations) for i, q in enumerate(questions)]
+    stats = engine.run(roots)
+    stats["prefix_reuse"] = reuse
+    return stats
+
+
+def _expand_per_role(engines, transcript, questions, trees, n, sampling, seed) -> dict:
+    """Roles with their own weights: each level on its role's engine, full context per request."""
+    totals: dict = {}
+
+    def run(role, level, items):
+        """items: (context, path, question); returns completions per item."""
+        out = [None] * len(items)
+
+        def done(req, comps):
+            out[req.tag] = comps
+
+        reqs = [_request(level, ctx, n, sampling[role], seed, path, on_done=done, tag=i)
+                for i, (ctx, path, _) in enumerate(items)]
+        stats = engines[role].run(reqs)
+        for k, v in stats.items():
+            totals[k] = max(totals.get(k, 0), v) if k == "peak_cache_blocks" else \
+                totals.get(k, 0) + v
+        return out
+
+    items = [(transcript.generator_context(q), (i,), q) for i, q in enumerate(questions)]
+    level_nodes = [t["generations"] for t in trees]
+    for level, (role, nxt) in enumerate([("generator", "verifier"), ("verifier", "refiner"),
+                                         ("refiner", None)]):
+        results = run(role, level, items)
+        next_items, next_nodes = [], []
+        for (ctx, path, q), comps, nodes in zip(items, results, level_nodes):
+            for j, c in enumerate(comps):
+                node = _node(c)
+                nodes.append(node)
+                if nxt is not None:
+                    node["verifications" if nxt == "verifier" else "refinements"] = []
+                    next_items.append((transcript.next_context(ctx, c.tokens, q, nxt),
+                                       path + (j,), q))
+                    next_nodes.append(node["verifications" if nxt == "verifier"
+                                           else "refinements"])
+        items, level_nodes = next_items, next_nodes
+    totals["tokens_per_s"] = totals.get("generated_tokens", 0) / max(totals.get("wall_s", 0), 1e-9)
+    totals["prefix_reuse"] = False
+    return totals

@@ -1,0 +1,123 @@
+"""Paged decode attention kernels against plain attention over contiguous per-sequence K/V."""
+
+import math
+
+import pytest
+import torch
+
+from malt_fast.rollout.paged_cache import cpp_decode_attention, reference_decode_attention
+
+
+def build_paged(lengths, shared, Hkv, D, bs, dtype, seed=0):
+    """Contiguous K/V per sequence, then the same values scattered into a shuffled block pool.
+
+    shared[i] = (j, m): sequence i starts with the first m tokens of sequence j (m a multiple of
+    bs, so the blocks themselves are shared, as after a fork).
+    """
+    g = torch.Generator().manual_seed(seed)
+    ks, vs = [], []
+    for i, n in enumerate(lengths):
+        k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
+        if shared[i] is not None:
+            j, m = shared[i]
+            k[:m], v[:m] = ks[j][:m], vs[j][:m]
+        ks.append(k.to(dtype))
+        vs.append(v.to(dtype))
+    total = sum(-(-n // bs) for n in lengths) + 3
+    order = torch.randperm(total, generator=g).tolist()
+    k_pool = torch.full((total, bs, Hkv, D), float("nan"), dtype=dtype)  # unused slots poison
+    v_pool = torch.full((total, bs, Hkv, D), float("nan"), dtype=dtype)
+    tables = []
+    for i, n in enumerate(lengths):
+        blocks = []
+        for b in range(-(-n // bs)):
+            if shared[i] is not None and (b + 1) * bs <= shared[i][1]:
+                blocks.append(tables[shared[i][0]][b])  # reuse the parent's block in place
+                continue
+            blk = order.pop()
+            rows = slice(b * bs, min(n, (b + 1) * bs))
+            k_pool[blk, : rows.stop - rows.start] = ks[i][rows]
+            v_pool[blk, : rows.stop - rows.start] = vs[i][rows]
+            blocks.append(blk)
+        tables.append(blocks)
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return ks, vs, k_pool, v_pool, table_t, torch.tensor(lengths, dtype=torch.int32)
+
+
+def plain_attention(q, ks, vs, scale):
+    """fp64 softmax attention of q [B, Hq, D] over each sequence's contiguous K/V."""
+    out = []
+    for b in range(q.shape[0]):
+        k = ks[b].double().repeat_interleave(q.shape[1] // ks[b].shape[1], dim=1)
+        v = vs[b].double().repeat_interleave(q.shape[1] // vs[b].shape[1], dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), k) * scale, dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", w, v))
+    return torch.stack(out)
+
+
+CASES = [
+    # lengths, shared prefixes, Hq, Hkv, D, block size
+    ([7, 33, 1, 16], [None, None, None, None], 4, 4, 16, 8),
+    ([37, 45, 38, 70, 19], [None, (0, 32), (0, 32), (1, 40), (0, 16)], 8, 2, 32, 8),
+    ([129, 131, 250], [None, (0, 128), (1, 128)], 9, 3, 64, 16),
+]
+
+
+@pytest.mark.parametrize("kernel", [cpp_decode_attention, reference_decode_attention],
+                         ids=["cpp", "torch"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_decode_matches_plain_attention(kernel, dtype, tol, case):
+    lengths, shared, Hq, Hkv, D, bs = CASES[case]
+    ks, vs, k_pool, v_pool, tables, lens = build_paged(lengths, shared, Hkv, D, bs, dtype, case)
+    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(7)).to(dtype)
+    scale = 1 / math.sqrt(D)
+    out = kernel(q, k_pool, v_pool, tables, lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = plain_attention(q, ks, vs, scale)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+def test_cpp_rejects_mismatched_dtypes():
+    _, _, k_pool, v_pool, tables, lens = build_paged([5], [None], 2, 8, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpp_decode_attention(torch.randn(1, 2, 8).bfloat16(), k_pool, v_pool, tables, lens, 1.0)
+
+
+TRITON_CASES = [
+    # branches forked from two parents (full shared blocks) plus one unrelated sequence
+    ([40, 45, 52, 70, 37, 19], [None, (0, 32), (0, 32), None, (3, 32), None], 8, 2, 32, 16),
+    ([17, 33, 35], [None, (0, 16), (1, 32)], 4, 4, 16, 16),
+]
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "flat"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", range(len(TRITON_CASES)))
+def test_triton_cascade_matches_plain_attention(cascade, dtype, tol, case):
+    from malt_fast.kernels.decode_attention import paged_decode_attention
+
+    lengths, shared, Hq, Hkv, D, bs = TRITON_CASES[case]
+    ks, vs, k_pool, v_pool, tables, lens = build_paged(lengths, shared, Hkv, D, bs, dtype, case)
+    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = paged_decode_attention(q, k_pool, v_pool, tables, lens, D ** -0.5, cascade=cascade)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), plain_attention(q, ks, vs, D ** -0.5),
+                               atol=tol, rtol=tol)
+
+
+def test_cascade_reads_each_shared_prefix_once():
+    from malt_fast.kernels.decode_attention import _work_items
+
+    lengths, shared, Hq, Hkv, D, bs = TRITON_CASES[0]
+    *_, tables, lens = build_paged(lengths, shared, Hkv, D, bs, torch.float32)
+    items = _work_items([t for t in tables.tolist()], lens.tolist(), bs, Hkv, Hq // Hkv, 64)
+    shared_items = [it for it in items if len(it[0]) > Hq // Hkv]
+    # group {0,1,2} shares 2 blocks, group {3,4} shares 2 blocks: one item per (group, kv head)
+    assert sorted(len(it[0]) for it in shared_items) == [8, 8, 12, 12]
+    assert all(it[3] == 32 for it in shared_items)
+    read = sum(len(it[2]) for it in items)
+    assert read < sum(-(-n // bs) for n in lengths) * Hkv

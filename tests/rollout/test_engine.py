@@ -1,0 +1,157 @@
+"""Engine.generate against transformers.generate, plus sampling, seeds, stop strings, cache limits."""
+
+import pytest
+import torch
+
+from malt_fast.rollout import CacheFull, Engine
+from malt_fast.rollout.sampling import SamplingParams, sample
+
+PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 17, list(range(50, 55)), [200]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny Llama (GQA, 3 layers) saved by transformers and loaded by us."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from malt_fast.model.checkpoint import load_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=3, bos_token_id=1, initializer_range=0.3)
+    hf = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny")
+    hf.save_pretrained(path)
+    return hf, load_model(path, torch.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def smol(smollm_gguf):
+    """Our SmolLM2 (fp32), its tokenizer, and transformers' load of the same GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    from malt_fast.model.checkpoint import load_model
+    from malt_fast.model.tokenizer import load_tokenizer
+
+    ours = load_model(smollm_gguf, torch.float32, "cpu")
+    hf = AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name,
+                                              dtype=torch.float32).eval()
+    return ours, load_tokenizer(smollm_gguf), hf
+
+
+def hf_greedy(hf, prompt, max_new_tokens, eos):
+    """transformers' greedy continuation of one unpadded prompt."""
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                          dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos[0])
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("backend,max_batch", [("cpp", 64), ("torch", 64), ("cpp", 3)])
+def test_greedy_matches_transformers_tiny(tiny, backend, max_batch):
+    hf, ours = tiny
+    eng = Engine(ours, None, block_size=4, cache_tokens=1024, max_batch=max_batch,
+                 decode_backend=backend, progress=False)
+    out = eng.generate(PROMPTS, n=2, max_new_tokens=24)
+    for prompt, comps in zip(PROMPTS, out):
+        ref = hf_greedy(hf, prompt, 24, [3])
+        assert comps == [ref, ref]
+    assert len({tok for c in out for tok in c[0]}) > 10  # the model is not degenerate
+    st = eng.last_stats
+    assert st["prefill_tokens"] == sum(map(len, PROMPTS))  # once per prompt, not per branch
+    assert st["generated_tokens"] == sum(len(c) for cs in out for c in cs)
+    assert eng.cache.used_blocks == 0 and st["peak_cache_blocks"] > 0
+
+
+def test_greedy_matches_transformers_smollm2(smol):
+    ours, tok, hf = smol
+    texts = ["What is 7 times 8?", "Name three colours of the rainbow and explain where the "
+             "rainbow comes from in two sentences.", "Hi"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    eng = Engine(ours, tok, progress=False)
+    out = eng.generate(prompts, max_new_tokens=24)
+    for prompt, comps in zip(prompts, out):
+        assert comps[0] == hf_greedy(hf, prompt, 24, tok.eos_token_ids)
+
+
+def test_stop_string_cuts_exactly(smol):
+    ours, tok, _ = smol
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Describe the sea."}])
+    eng = Engine(ours, tok, progress=False)
+    full = tok.decode(eng.generate([prompt], max_new_tokens=20)[0][0])
+    for stop in (full[7:10], full[12:13], "no such text", full[-4:]):
+        cut = eng.generate([prompt], max_new_tokens=20, stop=[stop, "\x01never"])[0][0]
+        expected = full[: full.find(stop)] if stop in full else full
+        assert tok.decode(cut) == expected
+
+
+def test_seeds_reproduce_and_differ(tiny):
+    _, ours = tiny
+    eng = Engine(ours, None, block_size=4, progress=False)
+    kw = dict(n=3, max_new_tokens=16, temperature=1.0, top_p=0.95)
+    a = eng.generate(PROMPTS[:2], seed=1, **kw)
+    assert eng.generate(PROMPTS[:2], seed=1, **kw) == a
+    assert eng.generate(PROMPTS[:2], seed=2, **kw) != a
+    assert len({tuple(c) for c in a[0]}) == 3  # sibling branches draw different streams
+
+
+def test_top_k_one_is_greedy(tiny):
+    _, ours = tiny
+    eng = Engine(ours, None, block_size=4, progress=False)
+    greedy = eng.generate(PROMPTS, max_new_tokens=12)
+    assert eng.generate(PROMPTS, max_new_tokens=12, temperature=2.0, top_k=1, seed=5) == greedy
+
+
+def test_sampling_follows_filtered_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 6000
+    logits = probs.log().expand(rows, -1)
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    for params, expected in [(SamplingParams(1.0), probs),
+                             (SamplingParams(1.0, top_p=0.7), torch.tensor([0.625, .375, 0, 0])),
+                             (SamplingParams(1.0, top_k=3), torch.tensor([.5, .3, .15, 0]) / .95),
+                             (SamplingParams(0.5), probs**2 / (probs**2).sum())]:
+        picks = sample(logits, [params] * rows, gens)
+        freq = torch.bincount(picks, minlength=4).float() / rows
+        torch.testing.assert_close(freq, expected.float(), atol=0.025, rtol=0)
+
+
+def test_small_cache_queues_and_stays_exact(tiny):
+    hf, ours = tiny
+    # room for about one request at a time: the others must wait, not fail or corrupt
+    eng = Engine(ours, None, block_size=4, cache_tokens=4 * 24, progress=False)
+    out = eng.generate(PROMPTS[:4], n=2, max_new_tokens=12)
+    for prompt, comps in zip(PROMPTS[:4], out):
+        ref = hf_greedy(hf, prompt, 12, [3])
+        assert comps == [ref, ref]
+
+
+def test_request_larger_than_cache_names_the_size(tiny):
+    _, ours = tiny
+    eng = Engine(ours, None, block_size=4, cache_tokens=32, progress=False)
+    with pytest.raises(CacheFull, match=r"needs up to \d+ blocks of 4, the cache has 8"):
+        eng.generate([list(range(10, 40))], n=2, max_new_tokens=30)
+
+
+def test_greedy_with_triton_cascade_backend(tiny):
+    """The Triton kernel (interpreted on CPU) inside the engine: forked branches share blocks."""
+    hf, ours = tiny
+    eng = Engine(ours, None, block_size=16, decode_backend="triton", progress=False)
+    out = eng.generate(PROMPTS[1:3], n=2, max_new_tokens=8)
+    for prompt, comps in zip(PROMPTS[1:3], out):
+        ref = hf_greedy(hf, prompt, 8, [3])
+        assert comps == [ref, ref]
+
+
+def test_one_token_budget_and_first_token_eos(tiny):
+    hf, ours = tiny
+    eng = Engine(ours, None, block_size=4, progress=False)
+    assert eng.generate(PROMPTS, max_new_tokens=1) == [[hf_greedy(hf, p, 1, [3])]
+                                                       for p in PROMPTS]
+    # make every first token an EOS: the branch must end at once with just that token
+    first = [hf_greedy(hf, p, 1, [3])[0] for p in PROMPTS]
+    eng_eos = Engine(ours, None, block_size=4, progress=False, eos_token_ids=first)
+    assert eng_eos.generate(PROMPTS, n=2, max_new_tokens=5) == [[[t], [t]] for t in first]
+    assert eng_eos.cache.used_blocks == 0

@@ -1,0 +1,108 @@
+"""G→V→R expansion: tree shape, prefix reuse equals recomputation, transcript = chat template."""
+
+import pytest
+import torch
+
+from malt_fast.rollout import Engine, LevelSampling, RoleLayout, expand_tree
+from malt_fast.rollout.tree import Transcript
+
+LAYOUT = RoleLayout(question="Solve: {question}", verifier="Check the answer above for {question}",
+                    refiner="Write a corrected answer.", system="You are careful.")
+QUESTIONS = ["What is 2+3?", "Tom has 5 apples and eats 2. How many are left?"]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm_gguf):
+    from malt_fast.model.checkpoint import load_model
+    from malt_fast.model.tokenizer import load_tokenizer
+
+    return load_model(smollm_gguf, torch.float32, "cpu"), load_tokenizer(smollm_gguf)
+
+
+def texts(trees):
+    return [[(g["text"], [(v["text"], [r["text"] for r in v["refinements"]])
+              for v in g["verifications"]]) for g in t["generations"]] for t in trees]
+
+
+def test_sampled_tree_shape_and_branches(smol):
+    model, tok = smol
+    eng = Engine(model, tok, progress=False)
+    sampling = LevelSampling(max_new_tokens=5, temperature=1.0)
+    trees, stats = expand_tree(eng, QUESTIONS, LAYOUT, n=3, sampling=sampling, seed=3)
+    assert [t["question"] for t in trees] == QUESTIONS
+    for t in trees:
+        gens = t["generations"]
+        verifs = [v for g in gens for v in g["verifications"]]
+        refs = [r for v in verifs for r in v["refinements"]]
+        assert (len(gens), len(verifs), len(refs)) == (3, 9, 27)
+        for node in gens + verifs + refs:
+            assert 1 <= len(node["tokens"]) <= 5 and node["text"] == tok.decode(node["tokens"])
+        assert len({tuple(r["tokens"]) for r in refs}) > 3  # branches sample independently
+    assert stats["generated_tokens"] == sum(len(n["tokens"]) for t in trees
+                                            for n in _nodes(t))
+    again, _ = expand_tree(eng, QUESTIONS, LAYOUT, n=3, sampling=sampling, seed=3)
+    assert again == trees
+    assert eng.cache.used_blocks == 0  # every kept sequence was handed on and released
+
+
+def _nodes(tree):
+    for g in tree["generations"]:
+        yield g
+        for v in g["verifications"]:
+            yield v
+            yield from v["refinements"]
+
+
+def test_prefix_reuse_equals_recomputation_and_saves_prefill(smol):
+    model, tok = smol
+    sampling = LevelSampling(max_new_tokens=4, temperature=0.0)
+    runs = {}
+    for reuse in (True, False):
+        eng = Engine(model, tok, prefix_reuse=reuse, progress=False)
+        runs[reuse] = expand_tree(eng, QUESTIONS, LAYOUT, n=3, sampling=sampling)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1]["prefill_tokens"] <= 0.35 * runs[False][1]["prefill_tokens"]
+    # roles on separate engines (as with different weights) recompute contexts, same result
+    per_role = {r: Engine(model, tok, progress=False) for r in ("generator", "verifier",
+                                                                "refiner")}
+    trees, stats = expand_tree(per_role, QUESTIONS, LAYOUT, n=3, sampling=sampling)
+    assert texts(trees) == texts(runs[True][0])
+    assert runs[True][1]["prefill_tokens"] < stats["prefill_tokens"] < runs[False][1][
+        "prefill_tokens"]
+
+
+def test_transcript_matches_chat_template(smol):
+    _, tok = smol
+    tr = Transcript(tok, LAYOUT)
+    q, g, v = QUESTIONS[1], "There are 3 apples left.", "The answer is right."
+    msgs = [{"role": "system", "content": "You are careful."},
+            {"role": "user", "content": "Solve: " + q}]
+    gen_ctx = tr.generator_context(q)
+    assert gen_ctx == tok.apply_chat_template(msgs)
+    eos = tok.eos_token_ids[0]
+    ver_ctx = tr.next_context(gen_ctx, tok.encode(g) + [eos], q, "verifier")
+    msgs += [{"role": "assistant", "content": g},
+             {"role": "user", "content": "Check the answer above for " + q}]
+    assert ver_ctx == tok.apply_chat_template(msgs)
+    # a reply cut by the budget has no EOS; the template still closes the turn
+    ref_ctx = tr.next_context(ver_ctx, tok.encode(v), q, "refiner")
+    msgs += [{"role": "assistant", "content": v},
+             {"role": "user", "content": "Write a corrected answer."}]
+    assert ref_ctx == tok.apply_chat_template(msgs)
+
+
+def test_stop_strings_in_tree_keep_cache_consistent(smol):
+    """A reply cut inside a token must leave the cache holding exactly the returned tokens'
+    prefix, so children decode the same with and without reuse."""
+    model, tok = smol
+    sampling = LevelSampling(max_new_tokens=6, temperature=0.0, stop=("e",))
+    runs = []
+    for reuse in (True, False):
+        eng = Engine(model, tok, prefix_reuse=reuse, progress=False)
+        runs.append(expand_tree(eng, QUESTIONS[:1], LAYOUT, n=2, sampling=sampling)[0])
+        assert eng.cache.used_blocks == 0
+    assert runs[0] == runs[1]
+    nodes = list(_nodes(runs[0][0]))
+    assert any(n["finish"] == "stop" for n in nodes)
+    for n in nodes:
+        assert "e" not in n["text"] and tok.decode(n["tokens"]) == n["text"]
