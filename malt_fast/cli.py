@@ -126,14 +126,31 @@ def cmd_run(args) -> None:
     """expand -> credit -> train -> evaluate in one run directory, resuming what is done."""
     from malt_fast.pipeline import run_pipeline
 
-    run_pipeline(run_config(args))
+    cfg = run_config(args)
+    if args.profile:  # the same run, timed per phase, with a trace (docs/pipeline.md)
+        from malt_fast.profile import profile_pipeline
+
+        profile_pipeline(cfg, trace=not args.no_trace, trace_calls=args.trace_calls or None)
+    else:
+        run_pipeline(cfg)
+
+
+def cmd_profile(args) -> None:
+    """A short run (a few questions, one seed) timed per phase: profile.md and a trace."""
+    from malt_fast.profile import fresh_run_dir, profile_pipeline, short_config
+
+    cfg = short_config(run_config(args), args.questions, args.run_dir)
+    fresh_run_dir(cfg["run_dir"])
+    profile_pipeline(cfg, trace=not args.no_trace, trace_calls=args.trace_calls or None)
 
 
 def cmd_expand(args) -> None:
     """Expand the configured training questions into RUN_DIR/trees.jsonl (resumable)."""
     from malt_fast.pipeline import Run
 
-    print(Run(run_config(args)).expand())
+    run = Run(run_config(args), round=args.round or 1)
+    run.start_round()  # round >= 2 expands with the previous round's adapters
+    print(run.expand())
 
 
 def cmd_evaluate(args) -> None:
@@ -141,8 +158,10 @@ def cmd_evaluate(args) -> None:
     from malt_fast.eval.evaluate import format_table
     from malt_fast.pipeline import Run
 
-    run = Run(run_config(args))
-    print(format_table(run.evaluate(trained=run.load_trained_adapters())))
+    cfg = run_config(args)
+    run = Run(cfg, round=args.round or cfg["rounds"])
+    print(format_table(run.evaluate(trained=run.load_trained_adapters(),
+                                    base=run.base_results())))
     print(f"report: {run.dir / 'eval' / 'report.md'}")
 
 
@@ -166,12 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("--seed", type=int, default=0)
     credit.add_argument("--prompts", default=None, help="prompts YAML (default configs/prompts.yaml)")
     credit.set_defaults(func=cmd_credit)
-    for name, func in [("run", cmd_run), ("expand", cmd_expand), ("evaluate", cmd_evaluate)]:
+    for name, func in [("run", cmd_run), ("expand", cmd_expand), ("evaluate", cmd_evaluate),
+                       ("profile", cmd_profile)]:
         stage = sub.add_parser(name, help=func.__doc__)
         stage.add_argument("config", help="run config YAML (see configs/)")
-        stage.add_argument("--run-dir", help="override the config's run_dir")
+        stage.add_argument("--run-dir", help="override the config's run_dir"
+                           + (" (default: RUN_DIR-profile)" if name == "profile" else ""))
         stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value, e.g. --set evaluate.questions=10")
+        if name == "run":
+            stage.add_argument("--profile", action="store_true",
+                               help="time each phase; write RUN_DIR/profile/ (profile.md, trace)")
+        if name in ("run", "profile"):
+            stage.add_argument("--no-trace", action="store_true",
+                               help="with profiling: time the phases without torch.profiler")
+            stage.add_argument("--trace-calls", type=int, default=3, metavar="N",
+                               help="trace the ops of the first N calls of each phase "
+                                    "(0: all; default 3)")
+        if name == "profile":
+            stage.add_argument("--questions", type=int, default=4,
+                               help="training and test questions of the short run (default 4)")
+        if name in ("expand", "evaluate"):
+            stage.add_argument("--round", type=int, default=None,
+                               help="iterative MALT round (default: expand 1, evaluate the last)")
         stage.set_defaults(func=func)
 
     train = sub.add_parser("train", help=cmd_train.__doc__)

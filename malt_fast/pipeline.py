@@ -2,12 +2,23 @@
 
 Each stage is skipped when its outputs are complete and resumed when they are partial:
 trees.jsonl skips finished question ids, credit writes summary.json last, training keeps
-per-phase checkpoints and `.done` markers, evaluation writes results.json last.
+per-phase checkpoints and `.done` markers, evaluation keeps one file per finished seed and writes
+results.json last. So a run killed at any moment and started again with the same command ends
+with the same files as a run that was never interrupted (docs/pipeline.md).
+
+Iterative MALT (`rounds: k`, k > 1) repeats expand -> credit -> train k times. Round r + 1
+expands with round r's trained roles (one engine per role, each through its own adapter), and
+its training continues from those adapters; the credit threshold follows `credit.theta_schedule`.
+Every round lives in RUN_DIR/round-{r}/ with the single-round layout inside; RUN_DIR/rounds.md,
+rounds.json and plots/rounds.png compare the rounds. With `rounds: 1` the stages write directly
+into RUN_DIR, as they always have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -15,68 +26,203 @@ import torch
 
 from malt_fast.errors import MaltError
 
+ROLES = ("generator", "verifier", "refiner")
+
 DEFAULTS = {
     "model": None,            # HF directory or .gguf; None = packaged SmolLM2-135M-Instruct
     "tokenizer": None,        # defaults to the model path
     "dtype": "float32",
-    "threads": 0,
+    "threads": 0,             # torch CPU threads; 0 = torch's default
     "seed": 0,
-    "dataset": "arith",
+    "dataset": "arith",       # packaged name or a .jsonl path
     "difficulty": 1,          # for the generated arith task
     "train_split": "train",
     "test_split": "test",
     "train_questions": 24,
     "prompts": None,          # prompts YAML; None = configs/prompts.yaml
     "n": 3,                   # branches per level (paper: 3)
-    "chunk_questions": 8,
-    "sampling": {"temperature": 0.3, "top_p": 1.0,
+    "chunk_questions": 8,     # questions expanded together (one seed per chunk, see expand.py)
+    "rounds": 1,              # iterative MALT: expand -> credit -> train this many times
+    "sampling": {"temperature": 0.3, "top_p": 1.0, "top_k": 0,
                  "max_new_tokens": {"generator": 160, "verifier": 128, "refiner": 160}},
     "engine": {"max_batch": 64, "cache_tokens": 24576},  # KV pool per engine (role)
-    "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None},
-    "train": {},
+    # theta_schedule: None (every round uses theta), a list with one theta per round, or
+    # {start, end}: linear from start (round 1) to end (round k)
+    "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None, "theta_schedule": None},
+    "train": {},              # malt_fast.train.trainer.TrainConfig fields
     "evaluate": {"seeds": [0, 1, 2], "questions": 30, "chains": 3},
 }
+DTYPES = ("float32", "bfloat16", "float16")
+ROUND_SEED_STRIDE = 1000  # round r samples with seed + 1000 (r - 1): new trees, same pairing rule
 
 
 def resolve(cfg: dict, source="config") -> dict:
-    """Defaults filled in; unknown top-level keys are an error naming the config."""
+    """Defaults filled in and every field checked; a bad one is a MaltError naming `source`
+    and the field (e.g. "run.yaml: field 'credit.theta_schedule': ...")."""
+    if not isinstance(cfg, dict):
+        raise MaltError(f"{source}: expected a mapping of fields at the top level")
     unknown = sorted(set(cfg) - set(DEFAULTS) - {"run_dir"})
     if unknown:
         raise MaltError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
     out = {}
     for k, v in DEFAULTS.items():
         given = cfg.get(k, v)
-        out[k] = {**v, **(given or {})} if isinstance(v, dict) else given
+        if isinstance(v, dict):
+            if given is not None and not isinstance(given, dict):
+                raise MaltError(f"{source}: field {k!r}: expected a mapping, "
+                                f"got {type(given).__name__}")
+            if k != "train":  # train's fields are TrainConfig's, checked below
+                extra = sorted(set(given or {}) - set(v))
+                if extra:
+                    raise MaltError(f"{source}: unknown field '{k}.{extra[0]}' "
+                                    f"(known: {', '.join(v)})")
+            out[k] = {**v, **(given or {})}
+        else:
+            out[k] = given
     out["run_dir"] = cfg.get("run_dir", "runs/default")
+    _check(out, source)
     return out
 
 
-class Run:
-    def __init__(self, cfg: dict, log=print):
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(cfg: dict, source) -> None:
+    def bad(field, problem):
+        raise MaltError(f"{source}: field {field!r}: {problem}")
+
+    for name, least in (("rounds", 1), ("n", 1), ("train_questions", 1),
+                        ("chunk_questions", 1), ("threads", 0)):
+        if not _is_int(cfg[name]) or cfg[name] < least:
+            bad(name, f"expected an integer >= {least}, got {cfg[name]!r}")
+    if cfg["dtype"] not in DTYPES:
+        bad("dtype", f"expected one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    if not _is_num(cfg["credit"]["theta"]):
+        bad("credit.theta", f"expected a number, got {cfg['credit']['theta']!r}")
+    round_thetas(cfg, source)  # checks the schedule
+    e = cfg["evaluate"]
+    seeds = e["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        bad("evaluate.seeds", f"expected a non-empty list of distinct integers, got {seeds!r}")
+    for name in ("questions", "chains"):
+        if not _is_int(e[name]) or e[name] < 1:
+            bad(f"evaluate.{name}", f"expected an integer >= 1, got {e[name]!r}")
+    train_config(cfg, source)  # TrainConfig checks its own fields
+
+
+def train_config(cfg: dict, source="config", seed=None):
+    """The run's `train:` section as a TrainConfig; its seed defaults to the run's (round's)."""
+    from malt_fast.train.trainer import TrainConfig
+
+    t = dict(cfg["train"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(t) - known)
+    if unknown:
+        raise MaltError(f"{source}: unknown field 'train.{unknown[0]}'")
+    if "roles" in t and isinstance(t["roles"], list):
+        t["roles"] = tuple(t["roles"])
+    t.setdefault("seed", cfg["seed"] if seed is None else seed)
+    try:
+        return TrainConfig(**t)
+    except MaltError as e:  # TrainConfig names the field ("train.x: ..."); add the file
+        raise MaltError(f"{source}: {e}") from None
+    except TypeError as e:
+        raise MaltError(f"{source}: train: {e}") from None
+
+
+def round_thetas(cfg: dict, source="config") -> list[float]:
+    """The credit threshold of each round, from `credit.theta` and `credit.theta_schedule`."""
+    k, sched = cfg["rounds"], cfg["credit"].get("theta_schedule")
+    field = "credit.theta_schedule"
+    if sched is None:
+        return [cfg["credit"]["theta"]] * k
+    if isinstance(sched, list):
+        if len(sched) != k:
+            raise MaltError(f"{source}: field {field!r}: has {len(sched)} thresholds, "
+                            f"rounds is {k} (one threshold per round)")
+        thetas = sched
+    elif isinstance(sched, dict):
+        extra = sorted(set(sched) - {"start", "end"})
+        if extra or set(sched) != {"start", "end"}:
+            raise MaltError(f"{source}: field {field!r}: a linear schedule is "
+                            f"{{start: THETA, end: THETA}}, got {sched!r}")
+        a, b = sched["start"], sched["end"]
+        if not (_is_num(a) and _is_num(b)):
+            raise MaltError(f"{source}: field {field!r}: start and end must be numbers, "
+                            f"got {sched!r}")
+        # rounded so 0.5 -> 0.75 over 3 rounds gives 0.625, not 0.6250000000000001 (credit
+        # compares exact fractions of the value's decimal text)
+        thetas = [a if k == 1 else round(a + (b - a) * r / (k - 1), 10) for r in range(k)]
+    else:
+        raise MaltError(f"{source}: field {field!r}: expected a list (one threshold per round) "
+                        f"or {{start, end}}, got {sched!r}")
+    for t in thetas:
+        # a value is positive iff V > theta, and V lies in [0, 1]: theta >= 1 makes nothing
+        # positive and theta < 0 makes everything positive (no pairs) -- both mistakes
+        if not _is_num(t) or not 0 <= t < 1:
+            raise MaltError(f"{source}: field {field!r}: thresholds must be numbers in [0, 1), "
+                            f"got {t!r}")
+    return [float(t) for t in thetas]
+
+
+def round_dir(run_dir, r: int, rounds: int) -> Path:
+    return Path(run_dir) if rounds == 1 else Path(run_dir) / f"round-{r}"
+
+
+class _Models:
+    """The base model and tokenizer, loaded once and shared by every round's Run."""
+
+    def __init__(self, cfg):
         from malt_fast.data import smollm2_gguf
 
-        self.cfg, self.log = cfg, log
-        self.dir = Path(cfg["run_dir"])
+        self.cfg = cfg
+        self.path = cfg["model"] or smollm2_gguf()
+        self.model = self.tok = None
+
+
+class Run:
+    """One round's stages in its directory (RUN_DIR itself when there is one round)."""
+
+    def __init__(self, cfg: dict, log=print, round: int = 1, models: _Models | None = None):
+        if not 1 <= round <= cfg["rounds"]:
+            raise MaltError(f"round {round}: the config has rounds: {cfg['rounds']}")
+        self.cfg, self.log, self.round = cfg, log, round
+        if cfg["threads"]:  # here, not in run_pipeline: the single-stage commands need it too
+            torch.set_num_threads(cfg["threads"])
+        self.root = Path(cfg["run_dir"])
+        self.dir = round_dir(self.root, round, cfg["rounds"])
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.dir / "metrics.jsonl"
-        self.model_path = cfg["model"] or smollm2_gguf()
-        self._model = self._tok = None
+        self.models = models or _Models(cfg)
+        self.model_path = self.models.path
+        self.theta = round_thetas(cfg)[round - 1]
+        self.seed = cfg["seed"] + ROUND_SEED_STRIDE * (round - 1)
+
+    def for_round(self, r: int) -> "Run":
+        return Run(self.cfg, self.log, r, self.models)
 
     @property
     def model(self):
-        if self._model is None:
+        if self.models.model is None:
             from malt_fast.model import load_model
 
-            self._model = load_model(self.model_path, dtype=getattr(torch, self.cfg["dtype"]))
-        return self._model
+            self.models.model = load_model(self.model_path,
+                                           dtype=getattr(torch, self.cfg["dtype"]))
+        return self.models.model
 
     @property
     def tok(self):
-        if self._tok is None:
+        if self.models.tok is None:
             from malt_fast.model import load_tokenizer
 
-            self._tok = load_tokenizer(self.cfg["tokenizer"] or self.model_path)
-        return self._tok
+            self.models.tok = load_tokenizer(self.cfg["tokenizer"] or self.model_path)
+        return self.models.tok
 
     def engine(self, adapter=None, progress=True):
         from malt_fast.model.lora import AdapterView
@@ -86,9 +232,16 @@ class Run:
         return Engine(AdapterView(self.model, adapter), self.tok, progress=progress,
                       max_batch=e["max_batch"], cache_tokens=e["cache_tokens"])
 
+    def role_engines(self) -> dict:
+        """One engine per role, each through that role's adapter (the base for a role that has
+        none, e.g. one left out of train.roles)."""
+        have = getattr(self.model, "lora_configs", {})
+        return {r: self.engine(r if r in have else None) for r in ROLES}
+
     def record(self, stage: str, seconds: float, **extra) -> None:
         with open(self.metrics, "a") as f:
-            f.write(json.dumps({"stage": stage, "wall_s": seconds, **extra}) + "\n")
+            f.write(json.dumps({"stage": stage, "round": self.round, "wall_s": seconds,
+                                **extra}) + "\n")
 
     def examples(self, split):
         from malt_fast.data import load_dataset
@@ -96,6 +249,28 @@ class Run:
         c = self.cfg
         return load_dataset(c["dataset"], split, difficulty=c["difficulty"], seed=c["seed"]) \
             if c["dataset"] == "arith" else load_dataset(c["dataset"], split)
+
+    # ---------------------------------------------------------------- rounds
+
+    def previous_checkpoints(self) -> Path | None:
+        if self.round == 1:
+            return None
+        return round_dir(self.root, self.round - 1, self.cfg["rounds"]) / "train" / "checkpoints"
+
+    def start_round(self) -> None:
+        """Round r >= 2: load round r - 1's adapters, which this round expands with and trains
+        on from. Done whether or not this round's expansion is already complete, so a resumed
+        run trains from the same weights as an uninterrupted one."""
+        from malt_fast.malt.trees import atomic_write_text
+
+        if self.cfg["rounds"] == 1:
+            return
+        prev = self.previous_checkpoints()
+        loaded = use_adapters(self.model, prev) if prev is not None else []
+        info = {"round": self.round, "theta": self.theta, "seed": self.seed,
+                "adapters_from": str(prev) if prev is not None else None,
+                "roles_from_adapters": loaded}
+        atomic_write_text(self.dir / "round.json", json.dumps(info, indent=2) + "\n")
 
     # ---------------------------------------------------------------- stages
 
@@ -111,10 +286,14 @@ class Run:
         if {e.id for e in train} <= finished_ids(path, report=self.log):
             self.log(f"expand: {path} complete, skipped")
             return path
+        # round 1 shares one engine across roles (shared-prefix rollout); later rounds have a
+        # trained adapter per role, so each role decodes through its own weights
+        engines = self.engine() if self.round == 1 else self.role_engines()
         t0 = time.perf_counter()
-        totals = run_expand(train, self.engine(), path, c["n"], level_sampling(c), c["prompts"],
-                            c["seed"], c["chunk_questions"], self.metrics, self.log)
-        self.record("expand", time.perf_counter() - t0, **totals)
+        totals = run_expand(train, engines, path, c["n"], level_sampling(c), c["prompts"],
+                            self.seed, c["chunk_questions"], self.metrics, self.log)
+        self.record("expand", time.perf_counter() - t0, adapters=str(self.previous_checkpoints()),
+                    **totals)
         return path
 
     def credit(self, trees: Path) -> Path:
@@ -126,78 +305,276 @@ class Run:
             return out
         t0 = time.perf_counter()
         k = self.cfg["credit"]
-        summary = run_credit(trees, out, theta=k["theta"], pairs=k["pairs"],
-                             max_pairs=k["max_pairs"], seed=self.cfg["seed"],
+        summary = run_credit(trees, out, theta=self.theta, pairs=k["pairs"],
+                             max_pairs=k["max_pairs"], seed=self.seed,
                              prompts_path=self.cfg["prompts"])
         self.record("credit", time.perf_counter() - t0, summary=summary)
         return out
 
     def train(self, data: Path) -> dict:
-        import dataclasses
+        from malt_fast.train.trainer import Trainer
 
-        from malt_fast.train.trainer import TrainConfig, Trainer
-
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        t = dict(self.cfg["train"])
-        unknown = sorted(set(t) - fields)
-        if unknown:
-            raise MaltError(f"config: unknown train field {unknown[0]!r}")
-        if "roles" in t:
-            t["roles"] = tuple(t["roles"])
-        t.setdefault("seed", self.cfg["seed"])
+        cfg = train_config(self.cfg, seed=self.seed)
         t0 = time.perf_counter()
-        adapters = Trainer(self.model, self.tok, data, self.dir / "train", TrainConfig(**t),
+        adapters = Trainer(self.model, self.tok, data, self.dir / "train", cfg,
                            log=self.log).run()
         self.record("train", time.perf_counter() - t0)
         return adapters
 
-    def load_trained_adapters(self) -> bool:
-        """Adapters from a finished training stage (for a standalone evaluate)."""
-        from malt_fast.model.lora import load_adapter
+    def checkpoints(self) -> Path:
+        return self.dir / "train" / "checkpoints"
 
-        ckpt = self.dir / "train" / "checkpoints"
-        roles = ("generator", "verifier", "refiner")
-        if not all((ckpt / r / "adapter_config.json").is_file() for r in roles):
+    def load_trained_adapters(self) -> bool:
+        """This round's adapters from a finished training stage (for a standalone evaluate)."""
+        ckpt = self.checkpoints()
+        if not all((ckpt / r / "adapter_config.json").is_file() for r in ROLES):
             return False
-        for r in roles:
-            if r not in getattr(self.model, "lora_configs", {}):
-                load_adapter(self.model, ckpt / r, r)
+        use_adapters(self.model, ckpt)
         return True
 
-    def evaluate(self, trained: bool) -> dict:
+    def base_results(self) -> dict | None:
+        """Round 1's results, whose untrained methods (SA, MA, ...) later rounds reuse: the
+        base model and the evaluation seeds do not change between rounds."""
+        if self.round == 1:
+            return None
+        path = round_dir(self.root, 1, self.cfg["rounds"]) / "eval" / "results.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def evaluate(self, trained: bool, base: dict | None = None) -> dict:
+        """SA, SA+MV@3, MA, MA+MV@3 (and MALT, MALT+MV@3 when `trained`) over the seeds.
+
+        One file per finished seed (eval/seeds/seed-S.json), so a killed evaluation resumes at
+        the first unfinished seed. With `base` (round 1's results) only the trained pipeline is
+        run and the untrained methods are copied from `base`."""
         from malt_fast.eval.evaluate import evaluate, write_report
         from malt_fast.malt.expand import level_sampling
+        from malt_fast.malt.trees import atomic_write_text
 
         out = self.dir / "eval"
         if (out / "results.json").is_file():
             self.log(f"evaluate: {out}/results.json exists, skipped")
             return json.loads((out / "results.json").read_text())
         c, e = self.cfg, self.cfg["evaluate"]
+        if base is not None and not trained:
+            base = None  # nothing trained to evaluate: fall back to the full evaluation
         test = self.examples(c["test_split"])
         t0 = time.perf_counter()
-        base = self.engine(None)
-        roles = ("generator", "verifier", "refiner")
-        tuned = {r: self.engine(r) for r in roles} if trained else None
-        results = evaluate(test, base, tuned, seeds=tuple(e["seeds"]), questions=e["questions"],
-                           chains=e["chains"], sampling=level_sampling(c),
-                           prompts_path=c["prompts"])
+        engines = {}  # built on the first seed that needs them (none when all are done)
+        parts = []
+        for seed in e["seeds"]:
+            path = out / "seeds" / f"seed-{seed}.json"
+            if path.is_file():
+                parts.append(json.loads(path.read_text()))
+                continue
+            if not engines:
+                engines["base"] = self.engine(None) if base is None else None
+                engines["tuned"] = self.role_engines() if trained else None
+            kw = dict(seeds=(seed,), questions=e["questions"], chains=e["chains"],
+                      sampling=level_sampling(c), prompts_path=c["prompts"])
+            if base is None:
+                part = evaluate(test, engines["base"], engines["tuned"], **kw)
+            else:
+                # the trained roles in the base slot: its "MA" is exactly MALT as evaluate()
+                # computes it (same question subset and chain seeds for this seed)
+                r = evaluate(test, engines["tuned"], None, **kw)
+                part = {**r, "methods": {"MALT": r["methods"]["MA"],
+                                         "MALT+MV@3": r["methods"]["MA+MV@3"]},
+                        "transitions": {"MALT": r["transitions"]["MA"]}}
+            atomic_write_text(path, json.dumps(part) + "\n")
+            parts.append(part)
+        results = combine_seeds(parts, e, base)
         write_report(results, out)
         self.record("evaluate", time.perf_counter() - t0)
         return results
 
 
+def use_adapters(model, ckpt_dir) -> list[str]:
+    """Make the model's role adapters equal the PEFT adapters in ckpt_dir/{role}/: loaded when
+    the model lacks the role's adapter, copied into it when it has one. Returns the roles."""
+    from safetensors.torch import load_file
+
+    from malt_fast.errors import fail
+    from malt_fast.model.lora import adapter_state_dict, load_adapter, set_adapter
+
+    ckpt_dir = Path(ckpt_dir)
+    roles = [r for r in ROLES if (ckpt_dir / r / "adapter_config.json").is_file()]
+    if not roles:
+        raise fail(ckpt_dir, "no trained role adapters here (is the previous round finished?)")
+    for role in roles:
+        if role not in getattr(model, "lora_configs", {}):
+            load_adapter(model, ckpt_dir / role, role)
+            continue
+        weights = ckpt_dir / role / "adapter_model.safetensors"
+        state = load_file(str(weights))
+        target = adapter_state_dict(model, role)  # detached views of the live parameters
+        if set(state) != set(target):
+            raise fail(weights, f"its tensors do not match the model's {role} adapter")
+        with torch.no_grad():
+            for k, t in state.items():
+                if t.shape != target[k].shape:
+                    raise fail(weights, f"tensor {k} has shape {tuple(t.shape)}, expected "
+                                        f"{tuple(target[k].shape)}")
+                target[k].copy_(t)
+    set_adapter(model, None)
+    return roles
+
+
+def combine_seeds(parts: list[dict], e: dict, base: dict | None = None) -> dict:
+    """Per-seed evaluate() results -> the results of one evaluate() over all the seeds (same
+    numbers: per-seed accuracies are concatenated, mean and std recomputed, counts summed)."""
+    from malt_fast.eval.evaluate import METHODS, mean_std
+
+    per_seed = {m: [] for m in METHODS}
+    transitions: dict[str, dict] = {}
+    if base is not None:
+        transitions["MA"] = base["transitions"]["MA"]
+    for p in parts:
+        for m, r in p["methods"].items():
+            per_seed[m] += r["per_seed"]
+        for name, t in p["transitions"].items():
+            acc = transitions.setdefault(name, {k: 0 for k in t})
+            for k, v in t.items():
+                acc[k] += v
+    methods = {}
+    for m in METHODS:
+        if base is not None and m in base["methods"] and not m.startswith("MALT"):
+            methods[m] = base["methods"][m]
+        elif per_seed[m]:
+            mean, std = mean_std(per_seed[m])
+            methods[m] = {"per_seed": per_seed[m], "mean": mean, "std": std}
+    return {"dataset": parts[0]["dataset"], "seeds": list(e["seeds"]),
+            "questions": e["questions"], "chains": e["chains"], "methods": methods,
+            "transitions": transitions}
+
+
+# -------------------------------------------------------------------- rounds summary
+
+
+def rounds_summary(rounds: list[dict]) -> dict:
+    """rounds[i] = {round, theta, results, summary}: accuracy per round (round 0 = untrained)."""
+    first = rounds[0]["results"]["methods"]
+    rows = [{"round": 0, "theta": None, "pipeline": first["MA"], "pipeline_mv": first["MA+MV@3"],
+             "note": "untrained (MA, MA+MV@3)"}]
+    for r in rounds:
+        m = r["results"]["methods"]
+        rows.append({"round": r["round"], "theta": r["theta"],
+                     "pipeline": m.get("MALT"), "pipeline_mv": m.get("MALT+MV@3"),
+                     "credit": r.get("summary"), "note": "MALT, MALT+MV@3"})
+    return {"dataset": rounds[0]["results"]["dataset"], "seeds": rounds[0]["results"]["seeds"],
+            "SA": first["SA"], "SA+MV@3": first["SA+MV@3"], "rounds": rows}
+
+
+def _pct(r) -> str:
+    return "—" if r is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+
+
+def format_rounds(summary: dict) -> str:
+    lines = [f"{'round':<8} {'theta':>6}  {'pipeline (%)':>16}  {'pipeline+MV@3 (%)':>18}"]
+    for row in summary["rounds"]:
+        name = "0 (MA)" if row["round"] == 0 else str(row["round"])
+        theta = "—" if row["theta"] is None else f"{row['theta']:.3g}"
+        lines.append(f"{name:<8} {theta:>6}  {_pct(row['pipeline']):>16}  "
+                     f"{_pct(row['pipeline_mv']):>18}")
+    return "\n".join(lines)
+
+
+def write_rounds(root: Path, summary: dict) -> dict:
+    from malt_fast.malt.trees import atomic_write_text
+
+    root = Path(root)
+    atomic_write_text(root / "rounds.json", json.dumps(summary, indent=2) + "\n")
+    lines = [f"# Iterative MALT: {summary['dataset']}", "",
+             f"Accuracy (%) per round, mean ± std over {len(summary['seeds'])} seeds. Round 0 is "
+             "the untrained pipeline (MA); round r uses the roles trained in rounds 1..r.", "",
+             "| round | theta | G→V→R | G→V→R + MV@3 | SFT rows (g/v/r) "
+             "| DPO pairs (g/v/r) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in summary["rounds"]:
+        c = row.get("credit") or {}
+        roles = c.get("roles", {})
+        sft = "/".join(str(roles[r]["sft"]) for r in ROLES) if roles else "—"
+        pairs = "/".join(str(roles[r]["pairs"]) for r in ROLES) if roles else "—"
+        theta = "—" if row["theta"] is None else f"{row['theta']:g}"
+        lines.append(f"| {row['round']} | {theta} | {_pct(row['pipeline'])} | "
+                     f"{_pct(row['pipeline_mv'])} | {sft} | {pairs} |")
+    lines += ["", f"Single agent (untrained): SA {_pct(summary['SA'])}, "
+              f"SA+MV@3 {_pct(summary['SA+MV@3'])}."]
+    atomic_write_text(root / "rounds.md", "\n".join(lines) + "\n")
+    plot = root / "plots" / "rounds.png"
+    plot_rounds(summary, plot)
+    return {"json": root / "rounds.json", "report": root / "rounds.md", "plot": plot}
+
+
+def plot_rounds(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in summary["rounds"] if r["pipeline"] is not None]
+    x = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key, label, color in (("pipeline", "G→V→R", "#4C72B0"),
+                              ("pipeline_mv", "G→V→R + MV@3", "#DD8452")):
+        ax.errorbar(x, [100 * r[key]["mean"] for r in rows],
+                    yerr=[100 * r[key]["std"] for r in rows], marker="o", capsize=4,
+                    label=label, color=color)
+    ax.axhline(100 * summary["SA"]["mean"], ls="--", color="grey", label="SA (untrained)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(["0\n(MA)" if r == 0 else f"{r}\nθ={t['theta']:g}"
+                        for r, t in zip(x, rows)])
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{summary['dataset']}: iterative MALT, mean ± std over "
+                 f"{len(summary['seeds'])} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------- the whole run
+
+
 def run_pipeline(cfg: dict, log=print) -> dict:
+    """Every round's stages in order, each skipped or resumed as its files say; prints the
+    results table and where the outputs are. Returns the last round's results."""
     from malt_fast.eval.evaluate import format_table
 
-    run = Run(cfg, log)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    trees = run.expand()
-    data = run.credit(trees)
-    adapters = run.train(data)
-    results = run.evaluate(trained=bool(adapters))
-    log("\n" + format_table(results))
-    log(f"\nrun directory: {run.dir}\n  report: {run.dir / 'eval' / 'report.md'}\n"
-        f"  plot: {run.dir / 'eval' / 'plots' / 'accuracy.png'}\n"
-        f"  checkpoints: {run.dir / 'train' / 'checkpoints'}\n  metrics: {run.metrics}")
-    return results
+    first = Run(cfg, log)
+    rounds = []
+    for r in range(1, cfg["rounds"] + 1):
+        run = first if r == 1 else first.for_round(r)
+        if cfg["rounds"] > 1:
+            log(f"\n=== round {r}/{cfg['rounds']} (theta {run.theta:g}) in {run.dir}")
+        run.start_round()
+        trees = run.expand()
+        data = run.credit(trees)
+        adapters = run.train(data)
+        results = run.evaluate(trained=bool(adapters), base=run.base_results())
+        summary = json.loads((data / "summary.json").read_text())
+        rounds.append({"round": r, "theta": run.theta, "results": results, "summary": summary,
+                       "dir": run.dir})
+    last = rounds[-1]
+    log(f"\nresults ({last['results']['dataset']}, accuracy in %, mean ± std over "
+        f"{len(last['results']['seeds'])} seeds"
+        + (f", round {cfg['rounds']}" if cfg["rounds"] > 1 else "") + "):")
+    log(format_table(last["results"]))
+    where = [f"\nrun directory: {first.root}"]
+    if cfg["rounds"] > 1:
+        summary = rounds_summary(rounds)
+        files = write_rounds(first.root, summary)
+        log("\naccuracy per round (round 0 = untrained pipeline):")
+        log(format_rounds(summary))
+        where += [f"  rounds: {files['report']}", f"  rounds plot: {files['plot']}"]
+    for r in rounds:
+        tag = f"  round {r['round']} " if cfg["rounds"] > 1 else "  "
+        d = r["dir"]
+        where += [f"{tag}report: {d / 'eval' / 'report.md'}",
+                  f"{tag}plot: {d / 'eval' / 'plots' / 'accuracy.png'}",
+                  f"{tag}checkpoints: {d / 'train' / 'checkpoints'}",
+                  f"{tag}metrics: {d / 'metrics.jsonl'}"]
+    log("\n".join(where))
+    return last["results"]
