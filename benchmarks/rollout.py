@@ -116,7 +116,7 @@ def run_engine(model, tok, questions, args, reuse, per_token) -> dict:
 
 
 def warm_up(model, tok):
-    """First bf16 matmuls of each shape build oneDNN kernels; keep that out of every timing."""
+    """First matmuls of each shape build oneDNN kernels; keep that out of every timing."""
     from malt_fast.rollout import Engine
 
     Engine(model, tok, progress=False).generate([tok.encode("Hello there")] * 4, n=2,
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.3)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="our engine's weights; auto = bf16 only where the CPU has native bf16")
     p.add_argument("--max-batch", type=int, default=96)
     p.add_argument("--cache-tokens", type=int, default=65536)
     p.add_argument("--hf-dtype", choices=["bfloat16", "float32"], default="float32")
@@ -145,7 +146,9 @@ def main(argv=None) -> int:
     from malt_fast.model.checkpoint import load_model
     from malt_fast.model.tokenizer import load_tokenizer
 
-    dtype = getattr(torch, args.dtype)
+    from malt_fast.model.dtypes import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
     path = smollm2_gguf()
     tok = load_tokenizer(path)
     model = load_model(path, dtype, "cpu")
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
         ratios["c_over_b_tokens_per_s"] = c["tokens_per_s"] / b["tokens_per_s"]
         ratios["c_prefill_fraction_of_b"] = c["prefill_tokens"] / b["prefill_tokens"]
     report = dict(
-        config=vars(args), questions=len(questions),
+        config=vars(args), engine_dtype=str(dtype).replace("torch.", ""),
+        questions=len(questions),
         device=f"CPU {platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads (no GPU)",
         versions=dict(python=sys.version.split()[0], torch=torch.__version__,
@@ -190,7 +194,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"device: {report['device']}; {report['versions']}; load avg {report['loadavg_1m']}")
+    print(f"device: {report['device']}; {report['versions']}; engine dtype "
+          f"{report['engine_dtype']}; load avg {report['loadavg_1m']}")
     print(f"{'method':22s} {'tok/s':>8s} {'generated':>10s} {'prefill':>9s} "
           f"{'peak KV MiB':>12s} {'wall s':>8s}")
     for name, r in results.items():
