@@ -95,6 +95,12 @@ def cmd_train(args) -> None:
     from malt_fast.train.trainer import TrainConfig, Trainer
 
     cfg = load_config(args.config, args.set)
+    if cfg.get("deepspeed") is not None:  # one DeepSpeed engine per role (docs/distributed.md)
+        from malt_fast.train.distributed import train_from_config
+
+        for role, path in train_from_config(cfg, args.config).items():
+            print(f"{role}: {path}")
+        return
     train = dict(cfg.get("train") or {})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(train) - known)

@@ -51,12 +51,23 @@ def head_logprobs(lm_head: torch.nn.Module, hidden, targets, ignore_index=IGNORE
         del lm_head.forward
 
 
-def token_logprobs(model, input_ids, labels, positions=None, mask=None, backend=None):
+def eager_logprobs(hidden, weight, targets, ignore_index=IGNORE):
+    """The textbook head: [N, V] logits, fp32 log-softmax, gather; 0 where ignored. The baseline
+    the fused kernel is benchmarked against (it materialises every logit)."""
+    logp = (hidden @ weight.t()).float().log_softmax(-1)
+    keep = targets != ignore_index
+    out = logp.gather(-1, torch.where(keep, targets, 0)[:, None])[:, 0]
+    return torch.where(keep, out, 0.0)
+
+
+def token_logprobs(model, input_ids, labels, positions=None, mask=None, backend=None,
+                   logprob_fn=None):
     """Per-token log-probs [B, T] (fp32) of `labels` under `model`; 0 on IGNORE labels.
 
     `model` is a malt_fast Llama (anything with `hidden_states(...)` and `lm_head`). `positions` and
     `mask` pass through to `hidden_states` (packed trees use an ancestor mask). Position 0 has no
-    prediction and is always 0.
+    prediction and is always 0. `logprob_fn(hidden, weight, targets)` replaces the fused kernel
+    (e.g. `eager_logprobs`, for benchmarks); it must give 0 on IGNORE targets.
     """
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(f"token_logprobs: input_ids {tuple(input_ids.shape)} and labels "
@@ -65,8 +76,20 @@ def token_logprobs(model, input_ids, labels, positions=None, mask=None, backend=
     hidden = model.hidden_states(input_ids, positions, mask=mask)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    logp = head_logprobs(model.lm_head, h, y, IGNORE, backend).view(B, T - 1)
-    return F.pad(logp, (1, 0))
+
+    def head(h, y):
+        if logprob_fn is not None:
+            return logprob_fn(h, model.lm_head.weight, y).float()
+        return head_logprobs(model.lm_head, h, y, IGNORE, backend)
+
+    keep = (y != IGNORE).nonzero().squeeze(1)
+    if 0 < keep.numel() < y.numel():
+        # the head costs N x V: prompt and padding positions would be computed and thrown away
+        part = head(h.index_select(0, keep), y.index_select(0, keep))
+        logp = part.new_zeros(y.numel()).index_copy(0, keep, part)
+    else:
+        logp = head(h, y)
+    return F.pad(logp.view(B, T - 1), (1, 0))
 
 
 def completion_mask(labels):

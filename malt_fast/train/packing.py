@@ -100,3 +100,97 @@ def packed_token_logprobs(model, packed: PackedTree, logprob_fn=None) -> torch.T
         return logprob_fn(h, model.lm_head.weight, targets)
     logits = (h @ model.lm_head.weight.T).float()
     return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------- training batches
+
+
+@dataclass
+class PackedBatch:
+    """Sequences that share a prompt packed into one row per distinct prompt.
+
+    Built from (prompt_ids, completion_ids) sequences: each distinct prompt is laid out once and
+    each distinct completion of it once, as a child of the prompt. `seq_segment[s]` says which
+    packed completion sequence s is (-1: an empty completion, whose log-prob is 0).
+    """
+    input_ids: torch.Tensor    # [R, T] (padding: token 0)
+    positions: torch.Tensor    # [R, T]
+    mask: torch.Tensor         # [R, 1, T, T] bool; a padding token sees only itself
+    hidden_row: torch.Tensor   # [M] row and column of the hidden state that predicts target m
+    hidden_col: torch.Tensor   # [M]
+    targets: torch.Tensor      # [M]
+    owner: torch.Tensor        # [M] packed completion (0..n_completions-1) target m belongs to
+    seq_segment: torch.Tensor  # [S]
+    n_completions: int
+    unpacked_tokens: int       # sum of len(prompt) + len(completion) over the S sequences
+    packed_tokens: int         # real (non-padding) tokens in the rows
+
+
+def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> PackedBatch:
+    """Pack (prompt_ids, completion_ids) sequences: rows in order of first appearance of their
+    prompt, completions in order of first appearance within it, identical ones laid out once."""
+    trees: dict[tuple, dict[tuple, int]] = {}  # prompt -> {completion -> index within the tree}
+    where = []
+    for s, (prompt, completion) in enumerate(seqs):
+        if not prompt:
+            raise ValueError(f"sequence {s}: empty prompt (its first token would have no context)")
+        children = trees.setdefault(tuple(prompt), {})
+        if not completion:
+            where.append(None)
+            continue
+        where.append((tuple(prompt), children.setdefault(tuple(completion), len(children))))
+
+    packs, offset, first = [], 0, {}
+    for prompt, children in trees.items():
+        first[prompt] = offset
+        if not children:  # every sequence of this prompt is empty: nothing to run
+            continue
+        segs = [Segment(list(prompt))] + [Segment(list(c), 0, True) for c in children]
+        packs.append(pack_tree(segs))
+        offset += len(children)
+    # pack_tree numbers the scored segments in layout order: owner k is child k of the prompt
+    seq_segment = torch.tensor([-1 if w is None else first[w[0]] + w[1] for w in where],
+                               dtype=torch.long)
+    R, T = max(len(packs), 1), max((p.input_ids.numel() for p in packs), default=1)
+    ids = torch.zeros(R, T, dtype=torch.long)
+    pos = torch.zeros(R, T, dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # an all-False row would give NaN
+    rows, cols, targets, owner, base = [], [], [], [], 0
+    for r, p in enumerate(packs):
+        n = p.input_ids.numel()
+        ids[r, :n], pos[r, :n], mask[r, :n, :n] = p.input_ids, p.positions, p.mask
+        rows.append(torch.full_like(p.hidden_index, r))
+        cols.append(p.hidden_index)
+        targets.append(p.targets)
+        owner.append(p.owner + base)
+        base += len(p.scored)
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+    return PackedBatch(ids, pos, mask[:, None], cat(rows), cat(cols), cat(targets), cat(owner),
+                       seq_segment, base, sum(len(p) + len(c) for p, c in seqs),
+                       sum(p.input_ids.numel() for p in packs))
+
+
+def batch_sequence_logprobs(model, batch: PackedBatch, backend=None, logprob_fn=None):
+    """Sequence log-probs [S] (fp32) of a PackedBatch: one forward over its rows.
+
+    `logprob_fn(hidden [M, H], weight [V, H], targets [M]) -> [M]` replaces the fused kernel
+    (benchmarks pass an eager log-softmax); by default lm_head goes through `head_logprobs`, which
+    also handles a ZeRO-3-sharded head.
+    """
+    from malt_fast.train.losses import IGNORE, head_logprobs
+
+    device = model.embed_tokens.weight.device
+    if batch.targets.numel() == 0:
+        return torch.zeros(batch.seq_segment.numel(), device=device)
+    hidden = model.hidden_states(batch.input_ids.to(device), batch.positions.to(device),
+                                 mask=batch.mask.to(device))
+    h = hidden[batch.hidden_row.to(device), batch.hidden_col.to(device)]
+    targets = batch.targets.to(device)
+    if logprob_fn is not None:
+        logp = logprob_fn(h, model.lm_head.weight, targets)
+    else:
+        logp = head_logprobs(model.lm_head, h, targets, IGNORE, backend)
+    per = torch.zeros(batch.n_completions, dtype=torch.float32, device=device)
+    per = per.index_add(0, batch.owner.to(device), logp.float())
+    seg = batch.seq_segment.to(device)
+    return torch.where(seg >= 0, per[seg.clamp(min=0)], 0.0)

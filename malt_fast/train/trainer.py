@@ -1,37 +1,63 @@
 """Single-process training of the three roles: SFT, then DPO from the SFT state, LoRA per role.
 
-One frozen base model holds a LoRA adapter per role. Each role's phases run in order
-(SFT, then DPO where enabled); the DPO reference is the role's SFT state, whose log-probs are
-computed once and cached next to the DPO set (malt_fast.train.reference), so no second model is
-kept. Every `save_every` steps and at each phase end the adapter, optimizer, scheduler, data
-position and RNG are saved; rerunning resumes from there and ends at the same weights.
+One frozen base model holds a LoRA adapter per role. Each role's phases run in order (SFT, then
+DPO where enabled); the DPO reference is the role's SFT state, whose log-probs are computed once
+and cached (malt_fast.train.reference), so no second model is kept. Roles run one after another
+(`schedule: sequential`) or interleaved one optimizer step at a time (`joint`); each role has its
+own optimizer and its own RNG stream, so both schedules end at the same weights.
+
+Batches keep the rows that share a prompt together, and with `packing: tree` (the default) each
+distinct prompt of a batch is run once with all its distinct completions after it under an
+ancestor mask (malt_fast.train.packing): same sequence log-probs as unpacked rows, fewer tokens.
+
+Every `save_every` steps and at each phase end the adapter, optimizer, scheduler, data position
+and RNG are saved; rerunning resumes from there and ends at the same weights. Per step, metrics go
+to `metrics.jsonl` and TensorBoard (`OUT/tensorboard`), and a tqdm bar shows rate and ETA.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from malt_fast.errors import MaltError, fail
-from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, save_adapter,
-                                  set_adapter)
-from malt_fast.train.losses import IGNORE, completion_mask, dpo_loss, sft_loss, token_logprobs
+from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, lora_modules,
+                                  save_adapter, set_adapter)
+from malt_fast.train.losses import (DPO_LOSSES, IGNORE, completion_mask, dpo_loss,
+                                    sequence_logprobs, token_logprobs)
+from malt_fast.train.packing import batch_sequence_logprobs, pack_sequences
 from malt_fast.train.reference import reference_logprobs
 
 ROLES = ("generator", "verifier", "refiner")
+SCHEDULES = ("sequential", "joint")
+PACKINGS = ("tree", "none")
+BACKENDS = (None, "triton", "cpu", "torch")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
 class TrainConfig:
-    roles: tuple[str, ...] = ROLES
+    roles: tuple[str, ...] = ROLES      # a subset trains only those roles (e.g. one per job)
+    schedule: str = "sequential"        # sequential: role after role; joint: one step each in turn
+    packing: str = "tree"               # tree: shared prompts run once per batch; none: unpacked
     generator_dpo: bool = False         # the paper trains the generator with SFT only by default
     sft_epochs: int = 1
     dpo_epochs: int = 1
@@ -39,7 +65,7 @@ class TrainConfig:
     dpo_lr: float = 5e-5
     beta: float = 0.2                   # DPO β, as in the paper
     dpo_loss: str = "sigmoid"           # sigmoid | ipo | hinge
-    batch_size: int = 4
+    batch_size: int = 4                 # rows per micro-batch (DPO: pairs)
     grad_accum: int = 1
     max_len: int = 1024                 # longer sequences are cut from the completion's end
     warmup_steps: int = 0
@@ -48,6 +74,70 @@ class TrainConfig:
     seed: int = 0
     lora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32.0, "dropout": 0.0})
     backend: str | None = None          # linear_logprobs backend; None picks by device
+    tensorboard: bool = True            # event files under OUT/tensorboard
+
+    def __post_init__(self):
+        if isinstance(self.roles, str):
+            self.roles = (self.roles,)
+        if isinstance(self.roles, list):
+            self.roles = tuple(self.roles)
+        self.check()
+
+    def check(self) -> None:
+        """Raise MaltError("train.FIELD: problem") for the first bad value."""
+        def bad(name, problem):
+            raise MaltError(f"train.{name}: {problem}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.roles, tuple) or not self.roles:
+            bad("roles", f"must be a non-empty list of {list(ROLES)}")
+        for r in self.roles:
+            if r not in ROLES:
+                bad("roles", f"unknown role {r!r} (roles are {list(ROLES)})")
+        if len(set(self.roles)) != len(self.roles):
+            bad("roles", "lists a role twice")
+        for name, choices in (("schedule", SCHEDULES), ("packing", PACKINGS),
+                              ("dpo_loss", DPO_LOSSES), ("backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {list(choices)}")
+        for name in ("generator_dpo", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        for name, least in (("sft_epochs", 0), ("dpo_epochs", 0), ("batch_size", 1),
+                            ("grad_accum", 1), ("max_len", 2), ("warmup_steps", 0),
+                            ("save_every", 1), ("seed", 0)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < least:
+                bad(name, f"must be an integer >= {least}")
+        for name in ("sft_lr", "dpo_lr", "beta"):
+            if not _is_num(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "must be a number > 0")
+        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", "must be a number >= 0")
+        if not isinstance(self.lora, dict):
+            bad("lora", "must be a mapping (rank, alpha, dropout, targets)")
+        known = {f.name for f in fields(LoRAConfig)}
+        for k in self.lora:
+            if k not in known:
+                raise MaltError(f"train.lora: unknown field {k!r} (fields: {sorted(known)})")
+        lc = self.lora
+        if not _is_int(lc.get("rank", 1)) or lc.get("rank", 1) < 1:
+            raise MaltError(f"train.lora.rank: must be an integer >= 1, got {lc['rank']!r}")
+        if not _is_num(lc.get("alpha", 1.0)) or lc.get("alpha", 1.0) <= 0:
+            raise MaltError(f"train.lora.alpha: must be a number > 0, got {lc['alpha']!r}")
+        if not _is_num(lc.get("dropout", 0.0)) or not 0 <= lc.get("dropout", 0.0) < 1:
+            raise MaltError(f"train.lora.dropout: must be in [0, 1), got {lc['dropout']!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None, source="config") -> "TrainConfig":
+        """The `train:` section of a config file; errors name `source` and the field."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MaltError(f"{source}: unknown train field {unknown[0]!r}")
+        try:
+            return cls(**d)
+        except MaltError as e:
+            raise MaltError(f"{source}: {e}") from None
 
     def phases(self, role: str) -> list[str]:
         return ["sft", "dpo"] if role != "generator" or self.generator_dpo else ["sft"]
@@ -77,30 +167,72 @@ def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def encode_pair(tok, prompt: list[dict], completion: str, max_len: int) -> tuple[list, list]:
-    """(input_ids, labels) with the chat template applied exactly as at rollout; only the
-    completion turn (with its end-of-turn tokens) is labelled."""
+def encode_parts(tok, prompt: list[dict], completion: str, max_len: int) -> tuple[list, list]:
+    """(prompt_ids, completion_ids) with the chat template applied exactly as at rollout; the
+    completion includes its end-of-turn tokens. At most max_len tokens together, cut from the
+    end."""
     head = tok.apply_chat_template(prompt, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
                                    add_generation_prompt=False)
     if full[:len(head)] != head:
         raise MaltError("the chat template does not render a prompt as a prefix of prompt + answer")
-    full = full[:max_len]
-    labels = [IGNORE] * len(head) + full[len(head):]
-    return full, labels[:len(full)]
+    return head[:max_len], full[len(head):max_len]
 
 
-def collate(seqs: list[tuple[list, list]], pad_id: int):
+def joined(seq: tuple[list, list]) -> tuple[list, list]:
+    """(prompt_ids, completion_ids) -> unpacked (input_ids, labels), the prompt labelled IGNORE."""
+    prompt, completion = seq
+    return list(prompt) + list(completion), [IGNORE] * len(prompt) + list(completion)
+
+
+def encode_pair(tok, prompt: list[dict], completion: str, max_len: int) -> tuple[list, list]:
+    """(input_ids, labels) of one unpacked sequence; only the completion turn is labelled."""
+    return joined(encode_parts(tok, prompt, completion, max_len))
+
+
+def collate(seqs: list[tuple[list, list]], pad_id: int = 0):
     T = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     for r, (i, lab) in enumerate(seqs):  # right padding: causal attention never sees it
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
+        ids[r, :len(i)] = torch.tensor(i, dtype=torch.long)
+        labels[r, :len(lab)] = torch.tensor(lab, dtype=torch.long)
     return ids, labels
 
 
-# ---------------------------------------------------------------- checkpoints
+def policy_logprobs(model, seqs, packing="tree", backend=None, logprob_fn=None):
+    """Summed completion log-probs [S] (fp32) of (prompt_ids, completion_ids) sequences, and the
+    number of token positions the forward ran (padding included).
+
+    packing "tree": one row per distinct prompt holding its distinct completions; "none": one
+    right-padded row per sequence. Equal up to rounding (tests/train/test_train_packing.py).
+    """
+    if packing == "tree":
+        batch = pack_sequences(seqs)
+        return batch_sequence_logprobs(model, batch, backend, logprob_fn), batch.input_ids.numel()
+    device = model.embed_tokens.weight.device
+    ids, labels = collate([joined(s) for s in seqs])
+    ids, labels = ids.to(device), labels.to(device)
+    logp = token_logprobs(model, ids, labels, backend=backend, logprob_fn=logprob_fn)
+    return sequence_logprobs(logp, completion_mask(labels)), ids.numel()
+
+
+def prompt_groups(keys: list[tuple]) -> list[list[int]]:
+    """Item indices grouped by key (prompt ids), groups in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
+
+
+@dataclass
+class PhaseData:
+    path: Path
+    items: list  # SFT: (prompt, completion) ids; DPO: ((prompt, chosen), (prompt, rejected))
+    groups: list[list[int]]
+
+
+# ---------------------------------------------------------------- checkpoints and RNG
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -116,12 +248,49 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RoleRNG:
+    """A role's own random stream (LoRA dropout), swapped in around each of its steps.
+
+    With one stream per role, a role's trajectory does not depend on how its steps interleave with
+    the other roles' (joint vs sequential), and each role's checkpoint holds all it needs to resume.
+    """
+
+    def __init__(self, seed: int, role: str):
+        self.seed = int(hashlib.sha256(f"{seed}-{role}".encode()).hexdigest()[:15], 16)
+        g = torch.Generator().manual_seed(self.seed)
+        self.state = {"torch": g.get_state(), "python": random.Random(self.seed).getstate()}
+
+    @contextlib.contextmanager
+    def active(self):
+        outer = rng_state()
+        set_rng_state(self.state)
+        if "cuda" not in self.state and torch.cuda.is_available():
+            torch.cuda.manual_seed_all(self.seed)
+        try:
+            yield
+        finally:
+            self.state = rng_state()
+            set_rng_state(outer)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------- trainer
@@ -134,6 +303,9 @@ class Trainer:
         self.device = model.embed_tokens.weight.device
         self.log = log
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.writer = None
+        self.tensorboard_off = not cfg.tensorboard
+        self._base_hash = None
 
     # one phase = one role's SFT or DPO pass; its state lives in out_dir/state/{role}-{phase}.pt
     def state_path(self, role, phase) -> Path:
@@ -144,140 +316,233 @@ class Trainer:
 
     def run(self) -> dict:
         """Train every configured role; returns {role: adapter directory}."""
-        torch.manual_seed(self.cfg.seed)
-        for role in self.cfg.roles:
+        cfg = self.cfg
+        self.rngs = {role: RoleRNG(cfg.seed, role) for role in cfg.roles}
+        for role in cfg.roles:
             if role not in getattr(self.model, "lora_configs", {}):
-                add_adapter(self.model, role, LoRAConfig(**self.cfg.lora))
+                # the initial A matrices come from the role's own stream: a role trained alone
+                # starts where it starts in a three-role run
+                with self.rngs[role].active():
+                    add_adapter(self.model, role, LoRAConfig(**cfg.lora))
+        chains = {role: self.role_steps(role) for role in cfg.roles}
         out = {}
-        for role in self.cfg.roles:
-            for phase in self.cfg.phases(role):
-                if self.done_path(role, phase).exists():
-                    self.load_adapter_state(role, phase)
-                    continue
-                self.train_phase(role, phase)
-            out[role] = save_adapter(self.model, role, self.out_dir / "checkpoints" / role)
+        try:
+            if cfg.schedule == "sequential":
+                for role in cfg.roles:
+                    for _ in chains[role]:
+                        pass
+                    out[role] = self.export(role)
+            else:
+                pending = list(cfg.roles)
+                while pending:
+                    for role in list(pending):
+                        if next(chains[role], None) is None:
+                            pending.remove(role)
+                            out[role] = self.export(role)
+        finally:
+            for chain in chains.values():
+                chain.close()  # closes progress bars of roles cut short by an error
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
         set_adapter(self.model, None)
-        return out
+        return {role: out[role] for role in cfg.roles}
 
-    def load_adapter_state(self, role, phase):
-        blob = torch.load(self.state_path(role, phase), map_location=self.device, weights_only=False)
+    def export(self, role) -> Path:
+        return save_adapter(self.model, role, self.out_dir / "checkpoints" / role)
+
+    def role_steps(self, role):
+        """Yields once per optimizer step of the role, over all its phases."""
+        for phase in self.cfg.phases(role):
+            if self.done_path(role, phase).exists():
+                blob = self.load_state(role, phase)
+                self.rngs[role].state = blob["rng"]
+                continue
+            yield from self.phase_steps(role, phase)
+
+    def load_state(self, role, phase) -> dict:
+        blob = torch.load(self.state_path(role, phase), map_location=self.device,
+                          weights_only=False)
         with torch.no_grad():
             for p, saved in zip(adapter_parameters(self.model, role), blob["adapter"]):
                 p.copy_(saved)
+        return blob
 
-    def sequences(self, role, phase):
-        """Tokenized SFT sequences, or (chosen, rejected) sequence pairs for DPO."""
+    def phase_data(self, role, phase) -> PhaseData:
         max_len = self.cfg.max_len
         if phase == "sft":
             path = self.data_dir / f"sft_{role}.jsonl"
             rows = read_rows(path, ("prompt", "completion"))
-            seqs = [encode_pair(self.tok, r["prompt"], r["completion"], max_len) for r in rows]
+            items = [encode_parts(self.tok, r["prompt"], r["completion"], max_len) for r in rows]
+            kept = [s for s in items if s[1]]
+            if len(kept) < len(items):
+                self.log(f"{path}: {len(items) - len(kept)} rows dropped (prompt alone fills "
+                         f"max_len={max_len})")
+                if not kept:
+                    raise fail(path, f"every prompt fills max_len={max_len}; nothing to train on")
+            items, keys = kept, [tuple(p) for p, _ in kept]
         else:
             path = self.data_dir / f"dpo_{role}.jsonl"
             rows = read_rows(path, ("prompt", "chosen", "rejected"))
-            seqs = [(encode_pair(self.tok, r["prompt"], r["chosen"], max_len),
-                     encode_pair(self.tok, r["prompt"], r["rejected"], max_len)) for r in rows]
-        return path, seqs
+            items = []
+            for r in rows:
+                chosen = encode_parts(self.tok, r["prompt"], r["chosen"], max_len)
+                rejected = encode_parts(self.tok, r["prompt"], r["rejected"], max_len)
+                items.append((chosen, rejected))
+            keys = [tuple(c[0]) for c, _ in items]
+        return PhaseData(path, items, prompt_groups(keys))
 
-    def train_phase(self, role: str, phase: str) -> None:
+    def batch_order(self, groups, epochs, role, phase) -> list[list[int]]:
+        """Shuffled batches for every epoch, a pure function of seed, role, phase and data.
+
+        Groups (rows sharing a prompt) stay together, so a batch holds whole groups, or a group
+        cut at the batch boundary, and packing has prompts to share. Both packing modes use this
+        order, so they see the same batches.
+        """
+        rng = random.Random(f"{self.cfg.seed}-{role}-{phase}")
+        out = []
+        for _ in range(epochs):
+            order = [list(g) for g in groups]
+            rng.shuffle(order)
+            for g in order:
+                rng.shuffle(g)
+            flat = [i for g in order for i in g]
+            size = self.cfg.batch_size
+            out += [flat[i:i + size] for i in range(0, len(flat), size)]
+        return out
+
+    def role_model_key(self, role) -> str:
+        """Cache key of the reference: the base and this role's adapter only, so other roles'
+        adapters (mid-training under the joint schedule) do not change it."""
+        if self._base_hash is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                if ".lora_" in name:
+                    continue
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._base_hash = h.hexdigest()
+        h = hashlib.sha256(self._base_hash.encode())
+        h.update(repr(self.model.lora_configs[role]).encode())
+        for path, m in sorted(lora_modules(self.model).items()):
+            if role in m.lora_A:
+                for t in (m.lora_A[role], m.lora_B[role]):
+                    t = t.detach().cpu().contiguous()
+                    h.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def reference(self, role, data: PhaseData) -> torch.Tensor:
+        """[pairs, 2] (chosen, rejected) log-probs under the role's SFT state, cached; computed on
+        the unpacked sequences in both packing modes, so both read the same cache file."""
+        set_adapter(self.model, role)
+        flat = [joined(s) for pair in data.items for s in pair]
+        return reference_logprobs(self.model, flat, data.path, cache_dir=self.out_dir / "refcache",
+                                  model_key=self.role_model_key(role),
+                                  backend=self.cfg.backend).view(-1, 2)
+
+    def phase_steps(self, role: str, phase: str):
         cfg = self.cfg
-        path, seqs = self.sequences(role, phase)
-        if not seqs:
-            self.log(f"{role} {phase}: {path.name} is empty, phase skipped")
+        epochs = cfg.sft_epochs if phase == "sft" else cfg.dpo_epochs
+        data = self.phase_data(role, phase)
+        if not data.items or epochs == 0:
+            why = f"{data.path.name} is empty" if not data.items else f"{phase}_epochs is 0"
+            self.log(f"{role} {phase}: {why}, phase skipped")
             self.save(role, phase, None, None, 0, finished=True)
             return
-        set_adapter(self.model, role)
-        ref = None
-        if phase == "dpo":  # reference = this role's SFT state, computed once and cached
-            flat = [s for pair in seqs for s in pair]
-            ref = reference_logprobs(self.model, flat, path, cache_dir=self.out_dir / "refcache",
-                                     backend=cfg.backend).view(-1, 2)
+        ref = self.reference(role, data) if phase == "dpo" else None
         params = adapter_parameters(self.model, role)
         lr = cfg.sft_lr if phase == "sft" else cfg.dpo_lr
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        epochs = cfg.sft_epochs if phase == "sft" else cfg.dpo_epochs
-        per_epoch = math.ceil(len(seqs) / cfg.batch_size)
-        total = math.ceil(per_epoch * epochs / cfg.grad_accum)
+        batches = self.batch_order(data.groups, epochs, role, phase)
+        micro = cfg.grad_accum
+        total = math.ceil(len(batches) / micro)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / total))
         step = 0  # optimizer steps taken
         if self.state_path(role, phase).exists():
-            blob = torch.load(self.state_path(role, phase), map_location=self.device,
-                              weights_only=False)
-            self.load_adapter_state(role, phase)
+            blob = self.load_state(role, phase)
             opt.load_state_dict(blob["optimizer"])
             sched.load_state_dict(blob["scheduler"])
             step = blob["step"]
-            set_rng_state(blob["rng"])
+            self.rngs[role].state = blob["rng"]
             self.log(f"{role} {phase}: resuming at step {step}/{total}")
-        self.model.train()
-        batches = self.batch_order(len(seqs), epochs, role, phase)
-        micro = cfg.grad_accum
-        t0, tokens = time.perf_counter(), 0
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, desc=f"{role} {phase}", unit="step", leave=False)
-        while step < total:
-            opt.zero_grad(set_to_none=True)
-            metrics = []
-            for m in range(micro):
-                b = step * micro + m
-                if b >= len(batches):
-                    break
-                idx = batches[b]
-                loss, mets, ntok = self.loss(phase, [seqs[i] for i in idx], ref, idx)
-                if not torch.isfinite(loss):
-                    raise MaltError(f"{role} {phase}: non-finite loss at step {step}; the last "
-                                    f"good checkpoint is {self.state_path(role, phase)}")
-                (loss / micro).backward()
-                metrics.append(mets)
-                tokens += ntok
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            rec = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-            rec.update(role=role, phase=phase, step=step, lr=sched.get_last_lr()[0],
-                       tokens_per_s=tokens / max(1e-9, time.perf_counter() - t0))
-            self.write_metrics(rec)
-            if step % cfg.save_every == 0 and step < total:
-                self.save(role, phase, opt, sched, step)
-        bar.close()
+        position = cfg.roles.index(role) if cfg.schedule == "joint" else 0
+        bar = tqdm(total=total, initial=step, desc=f"{role} {phase}", unit="step",
+                   position=position, leave=False, dynamic_ncols=True)
+        t_phase = time.perf_counter()
+        try:
+            while step < total:
+                set_adapter(self.model, role)  # the joint schedule switches roles between steps
+                self.model.train()
+                t0 = time.perf_counter()
+                metrics, tokens, model_tokens = [], 0, 0
+                chunk = batches[step * micro:(step + 1) * micro]
+                with self.rngs[role].active():
+                    opt.zero_grad(set_to_none=True)
+                    for idx in chunk:
+                        loss, mets, ntok, nrun = self.loss(phase, [data.items[i] for i in idx],
+                                                           ref, idx)
+                        if not torch.isfinite(loss):
+                            raise MaltError(f"{role} {phase}: non-finite loss at step {step}; the "
+                                            f"last good checkpoint is "
+                                            f"{self.state_path(role, phase)}")
+                        if loss.requires_grad:  # False only if every completion was cut to empty
+                            (loss / len(chunk)).backward()
+                        metrics.append(mets)
+                        tokens += ntok
+                        model_tokens += nrun
+                    lr_used = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                step += 1
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                rec = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+                rec.update(role=role, phase=phase, step=step, steps=total, lr=lr_used,
+                           tokens=tokens, model_tokens=model_tokens, step_s=dt,
+                           tokens_per_s=tokens / max(dt, 1e-9),
+                           peak_mem_mib=peak_memory_mib(self.device),
+                           elapsed_s=time.perf_counter() - t_phase)
+                self.write_metrics(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                refresh=False)
+                bar.update(1)
+                if step % cfg.save_every == 0 and step < total:
+                    self.save(role, phase, opt, sched, step)
+                yield step
+        finally:
+            bar.close()
         self.model.eval()
         self.save(role, phase, opt, sched, step, finished=True)
+        if self.writer is not None:
+            self.writer.flush()
 
-    def batch_order(self, n, epochs, role, phase) -> list[list[int]]:
-        """Deterministic shuffled batches for every epoch, fixed by seed, role and phase."""
-        rng = random.Random(f"{self.cfg.seed}-{role}-{phase}")
-        out = []
-        for _ in range(epochs):
-            order = list(range(n))
-            rng.shuffle(order)
-            out += [order[i:i + self.cfg.batch_size] for i in range(0, n, self.cfg.batch_size)]
-        return out
-
-    def loss(self, phase, batch, ref, idx):
-        pad = self.tok.pad_token_id
+    def loss(self, phase, items, ref, idx):
+        """(loss, metrics, unpacked tokens, token positions run) of one micro-batch."""
+        seqs = items if phase == "sft" else [s for pair in items for s in pair]
+        seq, ran = policy_logprobs(self.model, seqs, self.cfg.packing, self.cfg.backend)
+        tokens = sum(len(p) + len(c) for p, c in seqs)
         if phase == "sft":
-            ids, labels = collate(batch, pad)
-            ids, labels = ids.to(self.device), labels.to(self.device)
-            logp = token_logprobs(self.model, ids, labels, backend=self.cfg.backend)
-            loss, mets = sft_loss(logp, completion_mask(labels))
-            return loss, mets, int(ids.numel())
-        ids, labels = collate([s for pair in batch for s in pair], pad)
-        ids, labels = ids.to(self.device), labels.to(self.device)
-        logp = token_logprobs(self.model, ids, labels, backend=self.cfg.backend)
-        seq = torch.where(completion_mask(labels), logp, 0.0).sum(-1).view(-1, 2)
+            # token-weighted mean NLL over completion tokens, as losses.sft_loss
+            n = sum(len(c) for _, c in seqs)
+            loss = -seq.sum() / n
+            return loss, {"loss": loss.item(), "tokens": n}, tokens, ran
+        seq = seq.view(-1, 2)
         r = ref[idx].to(seq)
         loss, mets = dpo_loss(seq[:, 0], seq[:, 1], r[:, 0], r[:, 1], self.cfg.beta,
                               self.cfg.dpo_loss)
-        return loss, mets, int(ids.numel())
+        return loss, mets, tokens, ran
 
     def save(self, role, phase, opt, sched, step, finished=False):
         blob = {"adapter": [p.detach().clone() for p in adapter_parameters(self.model, role)],
                 "optimizer": opt.state_dict() if opt else None,
                 "scheduler": sched.state_dict() if sched else None,
-                "step": step, "rng": rng_state(), "config": asdict(self.cfg)}
+                "step": step, "rng": self.rngs[role].state, "config": asdict(self.cfg)}
         atomic_torch_save(blob, self.state_path(role, phase))
         if finished:
             self.done_path(role, phase).write_text(str(step))
@@ -286,3 +551,22 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        writer = self.tensorboard()
+        if writer is not None:
+            prefix = f"{rec['role']}/{rec['phase']}"
+            for k, v in rec.items():
+                if k not in ("role", "phase", "step", "steps") and isinstance(v, (int, float)):
+                    writer.add_scalar(f"{prefix}/{k}", v, rec["step"])
+
+    def tensorboard(self):
+        if self.tensorboard_off:
+            return None
+        if self.writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # optional: metrics.jsonl has everything
+                self.log(f"TensorBoard logging off ({e}); pip install tensorboard to enable it")
+                self.tensorboard_off = True
+                return None
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        return self.writer
