@@ -1,0 +1,41 @@
+"""What the README tells a user to run exists: commands, subcommands, configs and files."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from malt_fast.cli import build_parser, load_config
+from malt_fast.pipeline import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_first_lines_are_the_two_commands_and_ci_runs_the_second():
+    block = README.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    assert commands[0].startswith("bash scripts/setup.sh && .venv/bin/malt-fast ")
+    assert (ROOT / ".ci" / "run").read_text().count(commands[1]) == 1
+
+
+def test_every_malt_fast_subcommand_in_the_readme_exists():
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    used = set(re.findall(r"malt-fast (\w+)", README)) | set(
+        re.findall(r"-m malt_fast\.cli (\w+)", README))
+    assert used and used <= set(subcommands), used - set(subcommands)
+
+
+def test_every_file_the_readme_names_exists():
+    paths = set(re.findall(r"\b((?:configs|benchmarks|docs|scripts)/[\w./-]+\.(?:yaml|json|py|md|sh))",
+                           README))
+    missing = sorted(p for p in paths if not (ROOT / p).is_file())
+    assert paths and not missing, missing
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                        if p.name != "prompts.yaml"))
+def test_run_configs_parse(name):
+    cfg = load_config(ROOT / "configs" / name, [])
+    resolve(cfg, name)
