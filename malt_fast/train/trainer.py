@@ -174,9 +174,17 @@ def encode_parts(tok, prompt: list[dict], completion: str, max_len: int) -> tupl
     head = tok.apply_chat_template(prompt, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
                                    add_generation_prompt=False)
-    if full[:len(head)] != head:
+    if full[:len(head)] == head:
+        return head[:max_len], full[len(head):max_len]
+    # A completion starting with whitespace can merge with the template's last token (the
+    # newline after "assistant") when the whole text is re-encoded. The rollout saw the prompt's
+    # ids and then the reply's own tokens, so split at the text boundary instead.
+    head_text = tok.chat_text(prompt, add_generation_prompt=True)
+    full_text = tok.chat_text(prompt + [{"role": "assistant", "content": completion}],
+                              add_generation_prompt=False)
+    if not full_text.startswith(head_text):
         raise MaltError("the chat template does not render a prompt as a prefix of prompt + answer")
-    return head[:max_len], full[len(head):max_len]
+    return head[:max_len], tok.encode(full_text[len(head_text):])[:max(0, max_len - len(head))]
 
 
 def joined(seq: tuple[list, list]) -> tuple[list, list]:

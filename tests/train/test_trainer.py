@@ -69,6 +69,18 @@ def test_encode_pair_labels_only_the_completion(tok):
     assert text.startswith("Hello!<|im_end|>")
 
 
+def test_encode_pair_completion_starting_with_whitespace(tok):
+    """The template's newline and a leading space merge when re-encoded together; the prompt
+    ids must still be exactly the rollout's, and the labels must decode to the completion."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    head = tok.apply_chat_template(prompt)
+    for completion in (" 1", "\n\nFinal Answer: 3", "  two spaces"):
+        ids, labels = encode_pair(tok, prompt, completion, 512)
+        assert ids[:len(head)] == head and all(x == -100 for x in labels[:len(head)])
+        text = tok.decode([t for t in labels if t != -100], skip_special_tokens=False)
+        assert text.startswith(completion + "<|im_end|>")
+
+
 def test_sft_then_dpo_per_role(model_dir, tok, tmp_path):
     write_sets(tmp_path / "data")
     model = load_model(model_dir)
