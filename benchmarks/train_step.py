@@ -26,10 +26,12 @@ methods' tokens/s is the speedup of one over the other on the same work.
 
 Peak memory: CUDA: allocator peak during the step minus memory held before. CPU: peak RSS
 (VmHWM, reset through /proc/self/clear_refs) minus RSS before, with glibc set to return big frees
-to the OS. Memory is measured on each method's first (warm-up) step, which also creates
-the AdamW state (small: LoRA only). Times: best and median of --repeats after the warm-up; methods
-rotate order each repeat so a noisy neighbour hits all of them alike. The four losses are printed
-side by side (equal up to rounding).
+to the OS. Memory is measured on each method's first (warm-up) step, which also creates the AdamW
+state (small: LoRA only). Times: best and median of --repeats after the warm-up; methods rotate
+order each repeat so a noisy neighbour hits all of them alike. CPU time (process_time, all
+threads) is reported beside wall time: with other jobs on the cores it is the steadier of the two
+(use --threads 1 there: two-thread GEMMs stall whenever one thread is descheduled). The spread
+of the four methods' losses is printed (equal up to rounding).
 """
 
 from __future__ import annotations
@@ -131,11 +133,15 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*",
                     default=["unpacked/eager", "unpacked/fused", "tree/eager", "tree/fused"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); "
+                    "1 keeps timings stable when other jobs share the cores")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.children < 2:
         raise SystemExit("--children: need at least 2 (one positive, one negative)")
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
     if dev == "cpu":
         cpu_memory_setup()
@@ -174,32 +180,35 @@ def main(argv=None):
         with Peak(dev) as p:
             losses[m] = step()
         mem[m] = p.extra
-    times = {m: [] for m in steps}
+    times, cpu = {m: [] for m in steps}, {m: [] for m in steps}
     names = list(steps)
     for r in range(args.repeats):
         for m in names[r % len(names):] + names[:r % len(names)]:
             step, restore = steps[m]
             restore()
             sync(dev)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             step()
             sync(dev)
             times[m].append(time.perf_counter() - t)
+            cpu[m].append(time.process_time() - c)
 
     rows = []
     for m in names:
         best, med = min(times[m]), statistics.median(times[m])
         rows.append(dict(method=m, best_s=best, median_s=med, tokens_per_s=unpacked_tokens / best,
                          tokens_per_s_median=unpacked_tokens / med,
-                         peak_extra_mib=mem[m] / 2**20, loss=losses[m], times_s=times[m]))
+                         peak_extra_mib=mem[m] / 2**20, loss=losses[m], times_s=times[m],
+                         cpu_s=cpu[m], tokens_per_cpu_s=unpacked_tokens / min(cpu[m])))
     base = rows[0]
     print(f"\n{'method':16s} {'best s':>8s} {'median s':>9s} {'tokens/s':>9s} {'peak MiB':>9s} "
-          f"{'speed/' + base['method']:>24s} {'mem/' + base['method']:>22s}")
+          f"{'speed/' + base['method']:>24s} {'mem/' + base['method']:>22s} {'cpu s':>7s}")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["mem_ratio"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
         print(f"{r['method']:16s} {r['best_s']:8.2f} {r['median_s']:9.2f} {r['tokens_per_s']:9.0f} "
-              f"{r['peak_extra_mib']:9.0f} {r['speedup']:24.2f} {r['mem_ratio']:22.2f}   times "
+              f"{r['peak_extra_mib']:9.0f} {r['speedup']:24.2f} {r['mem_ratio']:22.2f} "
+              f"{min(r['cpu_s']):7.2f}   times "
               + " ".join(f"{t:.1f}" for t in r["times_s"]))
     by = {r["method"]: r for r in rows}
 
@@ -223,6 +232,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "torch": torch.__version__, "argv": sys.argv,
+                       "threads": torch.get_num_threads(),
                        "load_average": load_avg, "pairs": len(pairs),
                        "unpacked_tokens": unpacked_tokens, "packed_tokens": packed.packed_tokens,
                        "rows": rows}, f, indent=1)

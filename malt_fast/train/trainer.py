@@ -480,7 +480,7 @@ class Trainer:
 
         position = cfg.roles.index(role) if cfg.schedule == "joint" else 0
         bar = tqdm(total=total, initial=step, desc=f"{role} {phase}", unit="step",
-                   position=position, leave=False, dynamic_ncols=True)
+                   position=position, leave=True, dynamic_ncols=True)
         t_phase = time.perf_counter()
         try:
             while step < total:
