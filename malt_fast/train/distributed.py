@@ -40,7 +40,7 @@ from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, l
 from malt_fast.train.losses import dpo_loss
 from malt_fast.train.reference import reference_logprobs
 from malt_fast.train.trainer import (RoleRNG, TrainConfig, Trainer, atomic_torch_save, joined,
-                                     peak_memory_mib, policy_logprobs)
+                                     policy_logprobs)
 
 FINETUNE_MODES = ("lora", "full")
 # activation_checkpointing keys that only mean something with model parallelism (not used here)
@@ -446,20 +446,10 @@ class DeepSpeedTrainer(Trainer):
                         metrics.append(mets)
                         tokens += ntok
                 step += 1
-                if engine.device.type == "cuda":
-                    torch.cuda.synchronize(engine.device)
-                dt = time.perf_counter() - t0
-                rec = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-                rec.update(role=role, phase=phase, step=step, steps=total, lr=lr_used,
-                           tokens=tokens, model_tokens=model_tokens, step_s=dt,
-                           tokens_per_s=tokens / max(dt, 1e-9),
-                           peak_mem_mib=peak_memory_mib(engine.device),
-                           elapsed_s=time.perf_counter() - t_phase, world_size=self.world)
-                if self.rank == 0:
-                    self.write_metrics(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                refresh=False)
-                bar.update(1)
+                self.finish_step(bar, engine.device, metrics, t0, t_phase,
+                                 write=self.rank == 0, role=role, phase=phase, step=step,
+                                 steps=total, lr=lr_used, tokens=tokens,
+                                 model_tokens=model_tokens, world_size=self.world)
                 if step % cfg.save_every == 0 and step < total:
                     self.save_role_checkpoint(engine, role, phase, step)
                 if self.after_step is not None:

@@ -507,19 +507,9 @@ class Trainer:
                     opt.step()
                     sched.step()
                 step += 1
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                rec = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-                rec.update(role=role, phase=phase, step=step, steps=total, lr=lr_used,
-                           tokens=tokens, model_tokens=model_tokens, step_s=dt,
-                           tokens_per_s=tokens / max(dt, 1e-9),
-                           peak_mem_mib=peak_memory_mib(self.device),
-                           elapsed_s=time.perf_counter() - t_phase)
-                self.write_metrics(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                refresh=False)
-                bar.update(1)
+                self.finish_step(bar, self.device, metrics, t0, t_phase, role=role,
+                                 phase=phase, step=step, steps=total, lr=lr_used,
+                                 tokens=tokens, model_tokens=model_tokens)
                 if step % cfg.save_every == 0 and step < total:
                     self.save(role, phase, opt, sched, step)
                 yield step
@@ -554,6 +544,24 @@ class Trainer:
         atomic_torch_save(blob, self.state_path(role, phase))
         if finished:
             self.done_path(role, phase).write_text(str(step))
+
+    def finish_step(self, bar, device, metrics: list[dict], t0: float, t_phase: float,
+                    write: bool = True, **fields) -> dict:
+        """One optimizer step's record (micro-batch metrics averaged, throughput, memory) to
+        metrics.jsonl / TensorBoard and the progress bar."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        rec = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        rec.update(fields, step_s=dt, tokens_per_s=fields["tokens"] / max(dt, 1e-9),
+                   peak_mem_mib=peak_memory_mib(device),
+                   elapsed_s=time.perf_counter() - t_phase)
+        if write:
+            self.write_metrics(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                        refresh=False)
+        bar.update(1)
+        return rec
 
     def write_metrics(self, rec: dict) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
