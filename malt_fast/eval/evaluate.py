@@ -7,7 +7,12 @@ G->V->R chains at the sampling temperature (paper: 0.3):
   sample); SA+MV@3: the majority answer of the chains' generators;
 - MA: accuracy of the refiner's final answer with untrained roles, averaged over chains;
   MA+MV@3: the majority of the chains' final answers;
-- MALT, MALT+MV@3: the same with the trained role adapters.
+- STaR, STaR+MV@3: a single agent again, its generator fine-tuned (SFT) on the generations whose
+  own answer was correct (credit.star_rows): rejection sampling without the other roles;
+- MALT, MALT+MV@3: the G->V->R pipeline with the trained role adapters.
+
+Every method's chain c of a question uses the same request seed, so methods differ by their
+weights, not by their luck.
 
 Majority vote: answers are grouped by the dataset's equivalence check, unanswered outputs do not
 vote, the largest group wins, and a tie goes to the group whose first answer came from the
@@ -25,9 +30,9 @@ from malt_fast.data import Example
 from malt_fast.malt.answers import answers_equal, extract_answer
 from malt_fast.malt.expand import role_layout
 from malt_fast.malt.prompts import load_prompts, question_text
-from malt_fast.rollout.tree import expand_tree
+from malt_fast.rollout.tree import expand_generations, expand_tree
 
-METHODS = ("SA", "SA+MV@3", "MA", "MA+MV@3", "STaR", "MALT", "MALT+MV@3")
+METHODS = ("SA", "SA+MV@3", "MA", "MA+MV@3", "STaR", "STaR+MV@3", "MALT", "MALT+MV@3")
 
 
 def majority(answers: list[str | None], ex: Example) -> str | None:
@@ -50,12 +55,16 @@ def correct(answer, ex: Example) -> bool:
     return answer is not None and answers_equal(answer, ex.gold, ex.dataset, ex.choices)
 
 
+def _chain_questions(examples: list[Example], chains: int, prompts_path):
+    family = "multiple_choice" if examples[0].choices else examples[0].dataset
+    prompts = load_prompts(prompts_path, family)
+    return [question_text(ex, prompts) for ex in examples for _ in range(chains)], prompts
+
+
 def run_chains(engines, examples: list[Example], chains: int, sampling, seed: int,
                prompts_path=None) -> list[dict]:
     """Per example: the generator and refiner answers of each chain."""
-    family = "multiple_choice" if examples[0].choices else examples[0].dataset
-    prompts = load_prompts(prompts_path, family)
-    questions = [question_text(ex, prompts) for ex in examples for _ in range(chains)]
+    questions, prompts = _chain_questions(examples, chains, prompts_path)
     trees, _ = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=seed)
     out = []
     for i, ex in enumerate(examples):
@@ -66,6 +75,20 @@ def run_chains(engines, examples: list[Example], chains: int, sampling, seed: in
             gens.append(extract_answer(g["text"], ex.dataset, ex.choices))
             finals.append(extract_answer(r["text"], ex.dataset, ex.choices))
         out.append({"id": ex.id, "gold": ex.gold, "generator": gens, "final": finals})
+    return out
+
+
+def run_single(engine, examples: list[Example], chains: int, sampling, seed: int,
+               prompts_path=None) -> list[dict]:
+    """Per example: the answers of `chains` single-agent samples (the generator level alone)."""
+    questions, prompts = _chain_questions(examples, chains, prompts_path)
+    s = sampling["generator"] if isinstance(sampling, dict) else sampling
+    gens = expand_generations(engine, questions, role_layout(prompts), 1, s, seed=seed)
+    out = []
+    for i, ex in enumerate(examples):
+        answers = [extract_answer(g[0]["text"], ex.dataset, ex.choices)
+                   for g in gens[i * chains:(i + 1) * chains]]
+        out.append({"id": ex.id, "gold": ex.gold, "generator": answers, "final": answers})
     return out
 
 
@@ -95,10 +118,11 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def evaluate(test: list[Example], base_engines, trained_engines=None, star_engines=None,
+def evaluate(test: list[Example], base_engines, trained_engines=None, star_engine=None,
              seeds=(0, 1, 2), questions: int = 30, chains: int = 3, sampling=None,
              prompts_path=None) -> dict:
-    """Accuracy per method and seed. `*_engines`: one Engine or a dict role -> Engine."""
+    """Accuracy per method and seed. `*_engines`: one Engine or a dict role -> Engine;
+    `star_engine`: the STaR-trained single agent."""
     if not test:
         raise ValueError("evaluate: the test set is empty")
     per_seed: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -113,10 +137,11 @@ def evaluate(test: list[Example], base_engines, trained_engines=None, star_engin
         per_seed["MA+MV@3"].append(base["final_mv"])
         for k in ("wrong_to_right", "right_to_wrong", "chains"):
             transitions["MA"][k] += base[k]
-        if star_engines is not None:
-            star = score(run_chains(star_engines, subset, chains, sampling, seed, prompts_path),
+        if star_engine is not None:
+            star = score(run_single(star_engine, subset, chains, sampling, seed, prompts_path),
                          subset)
-            per_seed["STaR"].append(star["final"])
+            per_seed["STaR"].append(star["generator"])
+            per_seed["STaR+MV@3"].append(star["generator_mv"])
         if trained_engines is not None:
             malt = score(run_chains(trained_engines, subset, chains, sampling, seed,
                                     prompts_path), subset)

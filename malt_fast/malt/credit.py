@@ -31,8 +31,9 @@ PAIR_MODES = ("all", "max_k", "one")
 
 def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed=0,
                prompts_path=None) -> dict:
-    """Score `trees_path` and write trees.jsonl, sft_{role}.jsonl, dpo_{role}.jsonl and
-    summary.json (last, so its presence means the stage finished) into `out_dir`."""
+    """Score `trees_path` and write trees.jsonl, sft_{role}.jsonl, dpo_{role}.jsonl,
+    sft_star.jsonl (the STaR baseline's set) and summary.json (last, so its presence means the
+    stage finished) into `out_dir`."""
     theta_f = _theta(theta)
     _check_pairing(pairs, max_pairs)
     trees = read_trees(trees_path)
@@ -42,11 +43,13 @@ def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed
     scored = [score_tree(t, theta_f) for t in trees]
     sft = {role: [] for role in ROLES}
     dpo = {role: [] for role in ROLES}
+    star = []
     for tree in scored:
         tree_sft, tree_dpo = tree_examples(tree, prompts.get(tree), theta_f, pairs, max_pairs, seed)
         for role in ROLES:
             sft[role] += tree_sft[role]
             dpo[role] += tree_dpo[role]
+        star += star_rows(tree, prompts.get(tree))
 
     out = Path(out_dir)
     write_trees(out / "trees.jsonl", scored)
@@ -56,7 +59,9 @@ def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed
         if not sft[role]:
             print(f"{out / f'sft_{role}.jsonl'}: warning: no positive {role} examples",
                   file=sys.stderr)
+    _write_jsonl(out / "sft_star.jsonl", star)
     summary = summarize(scored, theta_f, sft, dpo)
+    summary["star"] = {"sft": len(star)}
     summary.update(trees=str(trees_path), theta=float(theta), pairs=pairs,
                    max_pairs=max_pairs, seed=seed)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -177,6 +182,21 @@ def tree_examples(tree: dict, prompts: RolePrompts, theta: Fraction, pairs="all"
                 refiner_messages(ex, g["text"], v["text"], prompts),
                 v["refinements"], lambda n: _leaf_positive(n, theta))
     return sft, dpo
+
+
+def star_rows(tree: dict, prompts: RolePrompts) -> list[dict]:
+    """The STaR baseline's SFT rows: each generation whose own answer is correct, as a single
+    agent's (question -> answer) example. Rejection sampling on the final reward alone, with no
+    verifier or refiner in the loop: what MALT's credit assignment is compared against."""
+    ex = example_of(tree)
+    rows = []
+    for i, g in enumerate(tree["generations"]):
+        text = g.get("text", "")
+        answer = extract_answer(text, ex.dataset, ex.choices)
+        if text.strip() and answers_equal(answer, ex.gold, ex.dataset, ex.choices):
+            rows.append({"id": f"{tree['id']}/g{i}", "prompt": generator_messages(ex, prompts),
+                         "completion": text})
+    return rows
 
 
 def select_pairs(texts: list[str], labels: list[bool], mode="all", max_pairs=None,

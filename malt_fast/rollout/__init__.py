@@ -3,7 +3,8 @@
 from malt_fast.rollout.engine import Completion, Engine, Request
 from malt_fast.rollout.paged_cache import CacheFull, PagedKVCache
 from malt_fast.rollout.sampling import SamplingParams
-from malt_fast.rollout.tree import LevelSampling, RoleLayout, expand_tree
+from malt_fast.rollout.tree import LevelSampling, RoleLayout, expand_generations, expand_tree
 
 __all__ = ["Engine", "Request", "Completion", "PagedKVCache", "CacheFull", "SamplingParams",
-           "RoleLayout", "LevelSampling", "expand_tree"]
+           "RoleLayout", "LevelSampling", "expand_tree",
+           "expand_generations"]

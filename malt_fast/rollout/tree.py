@@ -115,6 +115,21 @@ def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
     return trees, stats
 
 
+def expand_generations(engine: Engine, questions: list[str], layout: RoleLayout, n: int = 1,
+                       sampling: LevelSampling | None = None, seed: int = 0) -> list[list[dict]]:
+    """The first level alone (a single agent): n generations per question, sampled with the
+    same request seeds as expand_tree's generator level, so equal weights give equal texts."""
+    transcript = Transcript(engine.tokenizer, layout)
+    out: list[list[dict]] = [[] for _ in questions]
+
+    def done(req, comps):
+        out[req.path[1]] = [_node(c) for c in comps]
+
+    engine.run([_request(0, transcript.generator_context(q), n, sampling or LevelSampling(), seed,
+                         (i,), on_done=done) for i, q in enumerate(questions)])
+    return out
+
+
 def _node(c: Completion) -> dict:
     return {"text": c.text, "tokens": c.tokens, "finish": c.finish}
 

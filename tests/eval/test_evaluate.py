@@ -62,11 +62,16 @@ def test_all_methods_run_with_the_packaged_model(smollm_gguf, tmp_path):
     sampling = level_sampling({"sampling": {"max_new_tokens": 40}})
     results = evaluate(test, engine(None), {r: engine(r) for r in ("generator", "verifier",
                                                                    "refiner")},
-                       seeds=(0,), questions=2, chains=3, sampling=sampling)
-    assert set(results["methods"]) == {"SA", "SA+MV@3", "MA", "MA+MV@3", "MALT", "MALT+MV@3"}
+                       star_engine=engine("generator"), seeds=(0,), questions=2, chains=3,
+                       sampling=sampling)
+    assert list(results["methods"]) == ["SA", "SA+MV@3", "MA", "MA+MV@3", "STaR", "STaR+MV@3",
+                                        "MALT", "MALT+MV@3"]
     for r in results["methods"].values():
         assert r["per_seed"][0] in (0.0, 1 / 6, 1 / 3, 0.5, 2 / 3, 5 / 6, 1.0, 0.25, 0.75)
     # zero adapters + the same seeds: the "trained" pipeline samples exactly what the base did
     assert results["methods"]["MALT"]["mean"] == results["methods"]["MA"]["mean"]
+    # the single agent alone (generator level only) draws the generator samples of the chains
+    assert results["methods"]["STaR"]["mean"] == results["methods"]["SA"]["mean"]
+    assert results["methods"]["STaR+MV@3"]["mean"] == results["methods"]["SA+MV@3"]["mean"]
     paths = write_report(results, tmp_path)
     assert "| SA+MV@3 |" in paths["report"].read_text()

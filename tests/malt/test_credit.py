@@ -242,3 +242,23 @@ def test_bad_input_is_one_line_naming_file_line_field(tmp_path):
 def test_bad_options(tmp_path, kwargs, message):
     with pytest.raises(MaltError, match=message):
         run_credit(write(tmp_path, make_tree("a", TREE_N2)), tmp_path / "o", **kwargs)
+
+
+def test_star_set_keeps_generations_with_a_correct_answer(tmp_path):
+    # STaR's labels come from each generation's own answer, not from the refinements' values:
+    # g0 is right but its subtree fails (V = 0), g1 is wrong but its subtree succeeds (V = 1),
+    # g2 has no answer, g3 (empty text) cannot be trained on.
+    tree = make_tree("s", [[[0, 0, 0]] * 3, [[1, 1, 1]] * 3, [[1, 0, 0]] * 3, [[1, 1, 1]] * 3])
+    texts = ["2 boxes of 36.\nFinal Answer: 72", "I think 70.\nFinal Answer: 70",
+             "not sure", ""]
+    for g, text in zip(tree["generations"], texts):
+        g["text"] = text
+    out = tmp_path / "out"
+    summary = run_credit(write(tmp_path, tree), out)
+    star = read_jsonl(out / "sft_star.jsonl")
+    ex = Example("s", "gsm8k", "Question s?", "72")
+    assert star == [{"id": "s/g0", "prompt": generator_messages(ex, load_prompts(family="math")),
+                     "completion": texts[0]}]
+    assert summary["star"] == {"sft": 1}
+    # MALT's generator set is the opposite here: g1 and g3 have V = 1 (g3 dropped: no text)
+    assert [r["id"] for r in read_jsonl(out / "sft_generator.jsonl")] == ["s/g1"]
