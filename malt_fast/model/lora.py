@@ -8,6 +8,7 @@ key names, so `peft.PeftModel.from_pretrained(LlamaForCausalLM, dir)` loads them
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,30 @@ def merge_adapter(model: Llama, name: str) -> None:
         parent = model.get_submodule(path.rsplit(".", 1)[0])
         setattr(parent, path.rsplit(".", 1)[1], m.base)
     model.lora_configs = {}
+
+
+@torch.no_grad()
+def merged_model(model: Llama, name: str | None) -> Llama:
+    """A plain Llama computing what `model` computes through adapter `name`, for inference.
+
+    Decoding through a LoRA wrapper costs two extra small matmuls and some Python per projection
+    (a trained SmolLM2 G->V->R evaluation on CPU: 81-95 s through the adapters, 73 s merged). Every
+    tensor outside the adapted projections (embeddings, norms, the base itself) is shared with
+    `model`; each adapted projection gets a new weight W + scaling * B @ A.
+    """
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    out = copy.deepcopy(model, memo=shared)
+    for path, m in lora_modules(out).items():
+        w = m.base.weight
+        if name in m.lora_A:
+            w = nn.Parameter(w + m.delta_weight(name).to(w.dtype), requires_grad=False)
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=m.base.bias is not None,
+                           device="meta")
+        linear.weight, linear.bias = w, m.base.bias
+        parent = out.get_submodule(path.rsplit(".", 1)[0])
+        setattr(parent, path.rsplit(".", 1)[1], linear)
+    out.lora_configs = {}
+    return out
 
 
 def save_adapter(model: Llama, name: str, out_dir, base_model: str = "") -> Path:

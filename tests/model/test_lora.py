@@ -7,7 +7,8 @@ from transformers import LlamaForCausalLM
 
 from malt_fast.model import load_model, save_model
 from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, load_adapter,
-                                  merge_adapter, save_adapter, set_adapter)
+                                  merge_adapter, merged_model, save_adapter,
+                                  set_adapter)
 
 
 @pytest.fixture
@@ -104,3 +105,29 @@ def test_save_model_with_adapters_writes_the_base(base_dir, tmp_path):
     x = tokens(7)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def test_merged_model_equals_the_adapter_view_and_shares_the_rest(base_dir):
+    model = load_model(base_dir)
+    add_adapter(model, "verifier", LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    add_adapter(model, "refiner", LoRAConfig(rank=2, alpha=2))
+    randomize(model, "verifier", 3)
+    randomize(model, "refiner", 4)
+    x = tokens(5)
+    for name in ("verifier", "refiner", None):
+        merged = merged_model(model, name)
+        with torch.no_grad():
+            set_adapter(model, name)
+            want = model(x)
+            got = merged(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)  # fp32, merge reorders sums
+        assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    # the base is untouched and still serves its adapters; unadapted tensors are shared
+    merged = merged_model(model, "verifier")
+    assert merged.embed_tokens.weight is model.embed_tokens.weight
+    assert merged.layers[0].mlp.up_proj.weight is model.layers[0].mlp.up_proj.base.weight
+    assert merged.layers[0].self_attn.q_proj.weight is not \
+        model.layers[0].self_attn.q_proj.base.weight
+    with torch.no_grad():
+        set_adapter(model, "verifier")
+        torch.testing.assert_close(model(x), merged(x), rtol=0, atol=2e-5)
