@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from malt_fast.errors import MaltError
+from malt_fast.train.trainer import STAR
 
 ROLES = ("generator", "verifier", "refiner")
 
@@ -50,7 +51,9 @@ DEFAULTS = {
     # {start, end}: linear from start (round 1) to end (round k)
     "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None, "theta_schedule": None},
     "train": {},              # malt_fast.train.trainer.TrainConfig fields
-    "evaluate": {"seeds": [0, 1, 2], "questions": 30, "chains": 3},
+    # star: also train and evaluate the STaR baseline (a single agent SFT'd on its own correct
+    # generations, credit.star_rows) in round 1
+    "evaluate": {"seeds": [0, 1, 2], "questions": 30, "chains": 3, "star": False},
 }
 DTYPES = ("float32", "bfloat16", "float16")
 ROUND_SEED_STRIDE = 1000  # round r samples with seed + 1000 (r - 1): new trees, same pairing rule
@@ -113,6 +116,8 @@ def _check(cfg: dict, source) -> None:
     for name in ("questions", "chains"):
         if not _is_int(e[name]) or e[name] < 1:
             bad(f"evaluate.{name}", f"expected an integer >= 1, got {e[name]!r}")
+    if not isinstance(e["star"], bool):
+        bad("evaluate.star", f"expected true or false, got {e['star']!r}")
     train_config(cfg, source)  # TrainConfig checks its own fields
 
 
@@ -319,7 +324,17 @@ class Run:
         adapters = Trainer(self.model, self.tok, data, self.dir / "train", cfg,
                            log=self.log).run()
         self.record("train", time.perf_counter() - t0)
+        if self.star:
+            t0 = time.perf_counter()
+            Trainer(self.model, self.tok, data, self.dir / "train",
+                    dataclasses.replace(cfg, roles=(STAR,)), log=self.log).run()
+            self.record("train_star", time.perf_counter() - t0)
         return adapters
+
+    @property
+    def star(self) -> bool:
+        """The STaR baseline is trained and evaluated in round 1; later rounds copy its row."""
+        return self.cfg["evaluate"]["star"] and self.round == 1
 
     def checkpoints(self) -> Path:
         return self.dir / "train" / "checkpoints"
@@ -369,10 +384,11 @@ class Run:
             if not engines:
                 engines["base"] = self.engine(None) if base is None else None
                 engines["tuned"] = self.role_engines() if trained else None
+                engines["star"] = self.engine(STAR) if trained and self.star else None
             kw = dict(seeds=(seed,), questions=e["questions"], chains=e["chains"],
                       sampling=level_sampling(c), prompts_path=c["prompts"])
             if base is None:
-                part = evaluate(test, engines["base"], engines["tuned"], **kw)
+                part = evaluate(test, engines["base"], engines["tuned"], engines["star"], **kw)
             else:
                 # the trained roles in the base slot: its "MA" is exactly MALT as evaluate()
                 # computes it (same question subset and chain seeds for this seed)
@@ -397,7 +413,7 @@ def use_adapters(model, ckpt_dir) -> list[str]:
     from malt_fast.model.lora import adapter_state_dict, load_adapter, set_adapter
 
     ckpt_dir = Path(ckpt_dir)
-    roles = [r for r in ROLES if (ckpt_dir / r / "adapter_config.json").is_file()]
+    roles = [r for r in ROLES + (STAR,) if (ckpt_dir / r / "adapter_config.json").is_file()]
     if not roles:
         raise fail(ckpt_dir, "no trained role adapters here (is the previous round finished?)")
     for role in roles:

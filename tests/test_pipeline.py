@@ -114,8 +114,10 @@ def malt(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_run_end_to_end_and_rerun_skips(tiny_model, smollm_gguf, tmp_path):
-    cfg = write_config(tmp_path / "run.yaml", tiny_model, smollm_gguf, tmp_path / "run")
+def test_run_end_to_end_and_rerun_skips(smollm_gguf, tmp_path):
+    # the digit model is right sometimes, so every role and the STaR baseline get rows
+    cfg = write_config(tmp_path / "run.yaml", digit_model(tmp_path / "model"), smollm_gguf,
+                       tmp_path / "run", evaluate={"star": True})
     proc = malt("run", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "run"
@@ -128,15 +130,21 @@ def test_run_end_to_end_and_rerun_skips(tiny_model, smollm_gguf, tmp_path):
     for role in ROLES:
         assert (run / "data" / f"sft_{role}.jsonl").is_file()
         assert (run / "train" / "checkpoints" / role / "adapter_config.json").is_file()
+    star_rows = (run / "data" / "sft_star.jsonl").read_text().splitlines()
+    assert star_rows and all(json.loads(r)["completion"].strip() for r in star_rows)
+    star = load_file(str(run / "train" / "checkpoints" / "star" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in star.items())
     results = json.loads((run / "eval" / "results.json").read_text())
-    for m in ("SA", "SA+MV@3", "MA", "MA+MV@3", "MALT", "MALT+MV@3"):
+    assert list(results["methods"]) == ["SA", "SA+MV@3", "MA", "MA+MV@3", "STaR", "STaR+MV@3",
+                                        "MALT", "MALT+MV@3"]
+    for m in results["methods"]:
         r = results["methods"][m]
         assert len(r["per_seed"]) == 2 and 0.0 <= r["mean"] <= 1.0 and r["std"] >= 0.0
     report = (run / "eval" / "report.md").read_text()
     assert "| MALT+MV@3 |" in report and " ± " in report
     assert (run / "eval" / "plots" / "accuracy.png").stat().st_size > 1000
     # the printed table: every method with mean ± std, then where the outputs are
-    for m in ("SA", "SA+MV@3", "MA", "MA+MV@3", "MALT", "MALT+MV@3"):
+    for m in results["methods"]:
         line = next(ln for ln in proc.stdout.splitlines() if ln.split()[:1] == [m])
         assert "±" in line
     for what in ("report:", "plot:", "checkpoints:", "metrics:"):

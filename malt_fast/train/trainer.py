@@ -40,6 +40,7 @@ from malt_fast.train.packing import batch_sequence_logprobs, pack_sequences
 from malt_fast.train.reference import reference_logprobs
 
 ROLES = ("generator", "verifier", "refiner")
+STAR = "star"  # the STaR baseline's single agent: SFT on sft_star.jsonl, trained like a role
 SCHEDULES = ("sequential", "joint")
 PACKINGS = ("tree", "none")
 BACKENDS = (None, "triton", "cpu", "torch")
@@ -91,8 +92,8 @@ class TrainConfig:
         if not isinstance(self.roles, tuple) or not self.roles:
             bad("roles", f"must be a non-empty list of {list(ROLES)}")
         for r in self.roles:
-            if r not in ROLES:
-                bad("roles", f"unknown role {r!r} (roles are {list(ROLES)})")
+            if r not in ROLES + (STAR,):
+                bad("roles", f"unknown role {r!r} (roles are {list(ROLES)}, or {STAR!r})")
         if len(set(self.roles)) != len(self.roles):
             bad("roles", "lists a role twice")
         for name, choices in (("schedule", SCHEDULES), ("packing", PACKINGS),
@@ -140,7 +141,9 @@ class TrainConfig:
             raise MaltError(f"{source}: {e}") from None
 
     def phases(self, role: str) -> list[str]:
-        return ["sft", "dpo"] if role != "generator" or self.generator_dpo else ["sft"]
+        if role == STAR or (role == "generator" and not self.generator_dpo):
+            return ["sft"]
+        return ["sft", "dpo"]
 
 
 # ---------------------------------------------------------------- data
