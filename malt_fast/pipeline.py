@@ -32,7 +32,8 @@ ROLES = ("generator", "verifier", "refiner")
 DEFAULTS = {
     "model": None,            # HF directory or .gguf; None = packaged SmolLM2-135M-Instruct
     "tokenizer": None,        # defaults to the model path
-    "dtype": "float32",
+    "dtype": "float32",       # float32 | bfloat16 | float16 | auto (bf16 where it is fast)
+    "device": "auto",         # auto (cuda when available) | cpu | cuda | cuda:N
     "threads": 0,             # torch CPU threads; 0 = torch's default
     "seed": 0,
     "dataset": "arith",       # packaged name or a .jsonl path
@@ -55,7 +56,7 @@ DEFAULTS = {
     # generations, credit.star_rows) in round 1
     "evaluate": {"seeds": [0, 1, 2], "questions": 30, "chains": 3, "star": False},
 }
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 ROUND_SEED_STRIDE = 1000  # round r samples with seed + 1000 (r - 1): new trees, same pairing rule
 
 
@@ -105,6 +106,10 @@ def _check(cfg: dict, source) -> None:
             bad(name, f"expected an integer >= {least}, got {cfg[name]!r}")
     if cfg["dtype"] not in DTYPES:
         bad("dtype", f"expected one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    try:
+        torch.device(run_device(cfg))
+    except (RuntimeError, TypeError):
+        bad("device", f"expected auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     if not _is_num(cfg["credit"]["theta"]):
         bad("credit.theta", f"expected a number, got {cfg['credit']['theta']!r}")
     round_thetas(cfg, source)  # checks the schedule
@@ -119,6 +124,12 @@ def _check(cfg: dict, source) -> None:
     if not isinstance(e["star"], bool):
         bad("evaluate.star", f"expected true or false, got {e['star']!r}")
     train_config(cfg, source)  # TrainConfig checks its own fields
+
+
+def run_device(cfg: dict) -> str:
+    if cfg["device"] == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg["device"]
 
 
 def train_config(cfg: dict, source="config", seed=None):
@@ -216,9 +227,11 @@ class Run:
     def model(self):
         if self.models.model is None:
             from malt_fast.model import load_model
+            from malt_fast.model.dtypes import resolve_dtype
 
-            self.models.model = load_model(self.model_path,
-                                           dtype=getattr(torch, self.cfg["dtype"]))
+            device = run_device(self.cfg)
+            self.models.model = load_model(self.model_path, device=device,
+                                           dtype=resolve_dtype(self.cfg["dtype"], device))
         return self.models.model
 
     @property

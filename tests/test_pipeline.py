@@ -305,6 +305,8 @@ def test_bad_config(tmp_path):
     ({"credit": {"theta": "high"}}, "field 'credit.theta'"),
     ({"sampling": {"temprature": 0.3}}, "unknown field 'sampling.temprature'"),
     ({"engine": 5}, "field 'engine': expected a mapping"),
+    ({"device": "gpu"}, "field 'device': expected auto, cpu, cuda or cuda:N"),
+    ({"evaluate": {"star": "yes"}}, "field 'evaluate.star'"),
 ])
 def test_resolve_names_file_and_field(cfg, message):
     from malt_fast.errors import MaltError
