@@ -37,5 +37,13 @@ def test_every_file_the_readme_names_exists():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
                                         if p.name != "prompts.yaml"))
 def test_run_configs_parse(name):
-    cfg = load_config(ROOT / "configs" / name, [])
-    resolve(cfg, name)
+    cfg = resolve(load_config(ROOT / "configs" / name, []), name)
+    if cfg["model"] is None:  # a packaged model: its dataset must be here and big enough
+        from malt_fast.data import load_dataset
+
+        kw = {"difficulty": cfg["difficulty"]} if cfg["dataset"] == "arith" else {}
+        train = load_dataset(cfg["dataset"], cfg["train_split"], **kw)
+        test = load_dataset(cfg["dataset"], cfg["test_split"], **kw)
+        assert len(train) >= cfg["train_questions"], (len(train), cfg["train_questions"])
+        assert len(test) >= cfg["evaluate"]["questions"]
+        assert not {e.question for e in train} & {e.question for e in test}
