@@ -87,35 +87,21 @@ def load_config(path, overrides: list[str]) -> dict:
 
 
 def cmd_train(args) -> None:
-    """Train the roles (SFT, then DPO) with LoRA on sft_{role}.jsonl / dpo_{role}.jsonl."""
-    import dataclasses
-
-    from malt_fast.data import smollm2_gguf
-    from malt_fast.model import load_model, load_tokenizer
-    from malt_fast.train.trainer import TrainConfig, Trainer
+    """Train the roles (SFT, then DPO; LoRA or full) on sft_{role}.jsonl / dpo_{role}.jsonl."""
+    from malt_fast.train.trainer import Trainer, job_config, load_job_model
 
     cfg = load_config(args.config, args.set)
-    if cfg.get("deepspeed") is not None:  # one DeepSpeed engine per role (docs/distributed.md)
+    if isinstance(cfg, dict) and cfg.get("deepspeed") is not None:
+        # one DeepSpeed engine per role (docs/distributed.md)
         from malt_fast.train.distributed import train_from_config
 
         for role, path in train_from_config(cfg, args.config).items():
             print(f"{role}: {path}")
         return
-    train = dict(cfg.get("train") or {})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(train) - known)
-    if unknown:
-        raise MaltError(f"{args.config}: unknown train field {unknown[0]!r}")
-    if "roles" in train:
-        train["roles"] = tuple(train["roles"])
-    model_path = cfg.get("model") or smollm2_gguf()
-    model = load_model(model_path)
-    tok = load_tokenizer(cfg.get("tokenizer") or model_path)
-    for key in ("data", "out"):
-        if key not in cfg:
-            raise MaltError(f"{args.config}: missing field {key!r}")
-    adapters = Trainer(model, tok, cfg["data"], cfg["out"], TrainConfig(**train)).run()
-    for role, path in adapters.items():
+    train = job_config(cfg, args.config)
+    model, tok = load_job_model(cfg)
+    trainer = Trainer(model, tok, cfg["data"], cfg["out"], train, init_from=cfg.get("init"))
+    for role, path in trainer.run().items():
         print(f"{role}: {path}")
 
 
@@ -160,13 +146,13 @@ def cmd_expand(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    """SA, SA+MV@3, MA, MA+MV@3 (and MALT with trained adapters in RUN_DIR) over seeds."""
+    """SA, SA+MV@3, MA, MA+MV@3 (and MALT with the roles trained in RUN_DIR) over seeds."""
     from malt_fast.eval.evaluate import format_table
     from malt_fast.pipeline import Run
 
     cfg = run_config(args)
     run = Run(cfg, round=args.round or cfg["rounds"])
-    print(format_table(run.evaluate(trained=run.load_trained_adapters(),
+    print(format_table(run.evaluate(trained=run.load_trained(),
                                     base=run.base_results())))
     print(f"report: {run.dir / 'eval' / 'report.md'}")
 
@@ -217,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         stage.set_defaults(func=func)
 
     train = sub.add_parser("train", help=cmd_train.__doc__)
-    train.add_argument("config", help="YAML with model, data, out and a train: section")
+    train.add_argument("config", help="YAML with model, data, out and a train: section "
+                                      "(docs/train.md)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.sft_lr=1e-4")
     train.set_defaults(func=cmd_train)

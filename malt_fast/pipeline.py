@@ -1,14 +1,21 @@
 """`malt-fast run CONFIG`: expand -> credit -> train -> evaluate in one run directory.
 
 Each stage is skipped when its outputs are complete and resumed when they are partial:
-trees.jsonl skips finished question ids, credit writes summary.json last, training keeps
-per-phase checkpoints and `.done` markers, evaluation keeps one file per finished seed and writes
-results.json last. So a run killed at any moment and started again with the same command ends
-with the same files as a run that was never interrupted (docs/pipeline.md).
+trees.jsonl skips finished question ids, credit writes summary.json last, training is complete
+once every role is exported and resumes from its checkpoints otherwise, evaluation keeps one file
+per finished seed and writes results.json last. So a run killed at any moment and started again
+with the same command ends with the same files as a run that was never interrupted
+(docs/pipeline.md).
 
 Iterative MALT (`rounds: k`, k > 1) repeats expand -> credit -> train k times. Round r + 1
-expands with round r's trained roles (one engine per role, each through its own adapter), and
-its training continues from those adapters; the credit threshold follows `credit.theta_schedule`.
+expands with round r's trained roles (one engine per role, each through its own adapter or, with
+full fine-tuning, its own model), and its training continues from those weights; the credit
+threshold follows `credit.theta_schedule`.
+
+With a `deepspeed:` entry the train stage runs as `deepspeed.nproc` processes under torchrun
+(`malt-fast train` on a generated config, one DeepSpeed engine per role); the other stages stay
+in this process.
+
 Every round lives in RUN_DIR/round-{r}/ with the single-round layout inside; RUN_DIR/rounds.md,
 rounds.json and plots/rounds.png compare the rounds. With `rounds: 1` the stages write directly
 into RUN_DIR, as they always have.
@@ -17,14 +24,19 @@ into RUN_DIR, as they always have.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from malt_fast.errors import MaltError
+from malt_fast.model.dtypes import placement
 from malt_fast.train.trainer import STAR
 
 ROLES = ("generator", "verifier", "refiner")
@@ -47,16 +59,18 @@ DEFAULTS = {
     "rounds": 1,              # iterative MALT: expand -> credit -> train this many times
     "sampling": {"temperature": 0.3, "top_p": 1.0, "top_k": 0,
                  "max_new_tokens": {"generator": 160, "verifier": 128, "refiner": 160}},
-    "engine": {"max_batch": 64, "cache_tokens": 24576},  # KV pool per engine (role)
+    # cache_tokens: the KV pool per engine (role); merge_adapters: trained roles decode merged
+    # copies of their adapted weights (faster, more memory; Run.engine)
+    "engine": {"max_batch": 64, "cache_tokens": 24576, "merge_adapters": True},
     # theta_schedule: None (every round uses theta), a list with one theta per round, or
     # {start, end}: linear from start (round 1) to end (round k)
     "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None, "theta_schedule": None},
     "train": {},              # malt_fast.train.trainer.TrainConfig fields
+    "deepspeed": None,        # a JSON path or {config, nproc}: train under torchrun (below)
     # star: also train and evaluate the STaR baseline (a single agent SFT'd on its own correct
     # generations, credit.star_rows) in round 1
     "evaluate": {"seeds": [0, 1, 2], "questions": 30, "chains": 3, "star": False},
 }
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 ROUND_SEED_STRIDE = 1000  # round r samples with seed + 1000 (r - 1): new trees, same pairing rule
 
 
@@ -104,12 +118,7 @@ def _check(cfg: dict, source) -> None:
                         ("chunk_questions", 1), ("threads", 0)):
         if not _is_int(cfg[name]) or cfg[name] < least:
             bad(name, f"expected an integer >= {least}, got {cfg[name]!r}")
-    if cfg["dtype"] not in DTYPES:
-        bad("dtype", f"expected one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
-    try:
-        torch.device(run_device(cfg))
-    except (RuntimeError, TypeError):
-        bad("device", f"expected auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
+    placement(cfg["dtype"], cfg["device"], source)
     if not _is_num(cfg["credit"]["theta"]):
         bad("credit.theta", f"expected a number, got {cfg['credit']['theta']!r}")
     round_thetas(cfg, source)  # checks the schedule
@@ -121,35 +130,27 @@ def _check(cfg: dict, source) -> None:
     for name in ("questions", "chains"):
         if not _is_int(e[name]) or e[name] < 1:
             bad(f"evaluate.{name}", f"expected an integer >= 1, got {e[name]!r}")
+    if not isinstance(cfg["engine"]["merge_adapters"], bool):
+        bad("engine.merge_adapters", f"expected true or false, got "
+                                     f"{cfg['engine']['merge_adapters']!r}")
     if not isinstance(e["star"], bool):
         bad("evaluate.star", f"expected true or false, got {e['star']!r}")
-    train_config(cfg, source)  # TrainConfig checks its own fields
+    train = train_config(cfg, source)  # TrainConfig checks its own fields
+    if cfg["deepspeed"] is not None:
+        from malt_fast.train.distributed import parse_spec, read_ds_config, resolve_ds_config
 
-
-def run_device(cfg: dict) -> str:
-    if cfg["device"] == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg["device"]
+        # the JSON is checked now, not after an expansion that may take hours
+        spec = parse_spec(cfg["deepspeed"], source)
+        resolve_ds_config(read_ds_config(spec.config), spec.config, train, spec.nproc,
+                          cuda=torch.cuda.is_available())
 
 
 def train_config(cfg: dict, source="config", seed=None):
     """The run's `train:` section as a TrainConfig; its seed defaults to the run's (round's)."""
     from malt_fast.train.trainer import TrainConfig
 
-    t = dict(cfg["train"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(t) - known)
-    if unknown:
-        raise MaltError(f"{source}: unknown field 'train.{unknown[0]}'")
-    if "roles" in t and isinstance(t["roles"], list):
-        t["roles"] = tuple(t["roles"])
-    t.setdefault("seed", cfg["seed"] if seed is None else seed)
-    try:
-        return TrainConfig(**t)
-    except MaltError as e:  # TrainConfig names the field ("train.x: ..."); add the file
-        raise MaltError(f"{source}: {e}") from None
-    except TypeError as e:
-        raise MaltError(f"{source}: train: {e}") from None
+    seed = cfg["seed"] if seed is None else seed
+    return TrainConfig.from_dict({"seed": seed, **cfg["train"]}, source)
 
 
 def round_thetas(cfg: dict, source="config") -> list[float]:
@@ -192,7 +193,8 @@ def round_dir(run_dir, r: int, rounds: int) -> Path:
 
 
 class _Models:
-    """The base model and tokenizer, loaded once and shared by every round's Run."""
+    """The base model and tokenizer, loaded once and shared by every round's Run, and with full
+    fine-tuning the trained role models the engines decode with."""
 
     def __init__(self, cfg):
         from malt_fast.data import smollm2_gguf
@@ -200,6 +202,15 @@ class _Models:
         self.cfg = cfg
         self.path = cfg["model"] or smollm2_gguf()
         self.model = self.tok = None
+        self.roles: dict = {}  # full fine-tuning: role -> its trained model
+
+    def release(self) -> None:
+        """Drop the models (the base loads again on next use), e.g. so that a training
+        subprocess gets the memory."""
+        self.model, self.roles = None, {}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class Run:
@@ -219,6 +230,7 @@ class Run:
         self.model_path = self.models.path
         self.theta = round_thetas(cfg)[round - 1]
         self.seed = cfg["seed"] + ROUND_SEED_STRIDE * (round - 1)
+        self.finetune = train_config(cfg).finetune
 
     def for_round(self, r: int) -> "Run":
         return Run(self.cfg, self.log, r, self.models)
@@ -227,12 +239,12 @@ class Run:
     def model(self):
         if self.models.model is None:
             from malt_fast.model import load_model
-            from malt_fast.model.dtypes import resolve_dtype
 
-            device = run_device(self.cfg)
-            self.models.model = load_model(self.model_path, device=device,
-                                           dtype=resolve_dtype(self.cfg["dtype"], device))
+            self.models.model = load_model(self.model_path, *self.placement())
         return self.models.model
+
+    def placement(self) -> tuple:
+        return placement(self.cfg["dtype"], self.cfg["device"], "config")
 
     @property
     def tok(self):
@@ -242,19 +254,29 @@ class Run:
             self.models.tok = load_tokenizer(self.cfg["tokenizer"] or self.model_path)
         return self.models.tok
 
-    def engine(self, adapter=None, progress=True):
-        from malt_fast.model.lora import AdapterView
+    def engine(self, adapter=None, progress=True, model=None):
+        """An engine on `model` (default: the base) seen through `adapter` (None: no adapter).
+        With engine.merge_adapters the engine decodes a merged copy of the adapted projections
+        (faster; one more copy of them per engine), else through the LoRA wrappers."""
+        from malt_fast.model.lora import AdapterView, merged_model
         from malt_fast.rollout import Engine
 
         e = self.cfg["engine"]
-        return Engine(AdapterView(self.model, adapter), self.tok, progress=progress,
-                      max_batch=e["max_batch"], cache_tokens=e["cache_tokens"])
+        model = self.model if model is None else model
+        view = merged_model(model, adapter) if e["merge_adapters"] else AdapterView(model, adapter)
+        return Engine(view, self.tok, progress=progress, max_batch=e["max_batch"],
+                      cache_tokens=e["cache_tokens"])
+
+    def role_engine(self, role: str):
+        """An engine decoding with `role`'s trained weights: its adapter on the shared base
+        (LoRA) or its own model (full fine-tuning); the base for a role that has none (e.g. one
+        left out of train.roles)."""
+        if role in self.models.roles:
+            return self.engine(model=self.models.roles[role])
+        return self.engine(role if role in getattr(self.model, "lora_configs", {}) else None)
 
     def role_engines(self) -> dict:
-        """One engine per role, each through that role's adapter (the base for a role that has
-        none, e.g. one left out of train.roles)."""
-        have = getattr(self.model, "lora_configs", {})
-        return {r: self.engine(r if r in have else None) for r in ROLES}
+        return {r: self.role_engine(r) for r in ROLES}
 
     def record(self, stage: str, seconds: float, **extra) -> None:
         with open(self.metrics, "a") as f:
@@ -276,15 +298,15 @@ class Run:
         return round_dir(self.root, self.round - 1, self.cfg["rounds"]) / "train" / "checkpoints"
 
     def start_round(self) -> None:
-        """Round r >= 2: load round r - 1's adapters, which this round expands with and trains
-        on from. Done whether or not this round's expansion is already complete, so a resumed
-        run trains from the same weights as an uninterrupted one."""
+        """Round r >= 2: load round r - 1's trained roles, which this round expands with and
+        trains on from. Done whether or not this round's expansion is already complete, so a
+        resumed run trains from the same weights as an uninterrupted one."""
         from malt_fast.malt.trees import atomic_write_text
 
         if self.cfg["rounds"] == 1:
             return
         prev = self.previous_checkpoints()
-        loaded = use_adapters(self.model, prev) if prev is not None else []
+        loaded = self.use_roles(prev) if prev is not None else []
         info = {"round": self.round, "theta": self.theta, "seed": self.seed,
                 "adapters_from": str(prev) if prev is not None else None,
                 "roles_from_adapters": loaded}
@@ -329,20 +351,71 @@ class Run:
         self.record("credit", time.perf_counter() - t0, summary=summary)
         return out
 
-    def train(self, data: Path) -> dict:
+    def train(self, data: Path) -> list[str]:
+        """Train the roles, in this process or under torchrun (`deepspeed:`), unless every role
+        of train.roles is exported already; then make the trained roles the ones that
+        role_engines() decodes with. Returns those roles."""
+        if self.trained():
+            self.log(f"train: {self.checkpoints()} complete, skipped")
+        else:
+            from malt_fast.train.trainer import Trainer
+
+            cfg = train_config(self.cfg, seed=self.seed)
+            t0 = time.perf_counter()
+            if self.cfg["deepspeed"] is None:
+                self.models.roles = {}  # full: the trainer loads each role's start when it starts
+                Trainer(self.model, self.tok, data, self.dir / "train", cfg, log=self.log,
+                        init_from=self.previous_checkpoints()).run()
+            else:
+                self.train_deepspeed(data, cfg)
+            self.record("train", time.perf_counter() - t0)
+        if self.star:
+            self.train_star(data)
+        return self.use_roles(self.checkpoints())
+
+    def train_star(self, data: Path) -> None:
+        """The STaR baseline's single agent, trained in this process like a fourth role (SFT on
+        sft_star.jsonl, the run's finetune mode), unless it is exported already."""
+        if self.trained((STAR,)):
+            return
         from malt_fast.train.trainer import Trainer
 
-        cfg = train_config(self.cfg, seed=self.seed)
+        cfg = dataclasses.replace(train_config(self.cfg, seed=self.seed), roles=(STAR,))
         t0 = time.perf_counter()
-        adapters = Trainer(self.model, self.tok, data, self.dir / "train", cfg,
-                           log=self.log).run()
-        self.record("train", time.perf_counter() - t0)
-        if self.star:
-            t0 = time.perf_counter()
-            Trainer(self.model, self.tok, data, self.dir / "train",
-                    dataclasses.replace(cfg, roles=(STAR,)), log=self.log).run()
-            self.record("train_star", time.perf_counter() - t0)
-        return adapters
+        Trainer(self.model, self.tok, data, self.dir / "train", cfg, log=self.log).run()
+        self.record("train_star", time.perf_counter() - t0)
+
+    def train_deepspeed(self, data: Path, cfg) -> None:
+        """`deepspeed.nproc` processes under torchrun, each running `malt-fast train` on a config
+        written here (one DeepSpeed engine per role, docs/distributed.md). This process drops its
+        models first, as the ranks load their own. A killed stage resumes from DeepSpeed's
+        checkpoints when rerun."""
+        from malt_fast.malt.trees import atomic_write_text
+        from malt_fast.train.distributed import free_port, parse_spec
+
+        spec = parse_spec(self.cfg["deepspeed"], "config")
+        out = self.dir / "train"
+        job = {"model": str(self.model_path), "tokenizer": str(self.cfg["tokenizer"] or
+                                                              self.model_path),
+               "dtype": self.cfg["dtype"], "data": str(data), "out": str(out),
+               "train": dataclasses.asdict(cfg), "deepspeed": str(spec.config)}
+        if self.previous_checkpoints() is not None:
+            job["init"] = str(self.previous_checkpoints())
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "deepspeed-job.yaml"
+        atomic_write_text(path, json.dumps(job, indent=1) + "\n")  # JSON is YAML
+        self.models.release()
+        env = dict(os.environ)
+        if self.cfg["threads"]:
+            env["OMP_NUM_THREADS"] = str(self.cfg["threads"])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+               str(spec.nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "malt_fast.cli", "train", str(path)]
+        self.log(f"train: torchrun --nproc_per_node {spec.nproc} -m malt_fast.cli train {path}")
+        rc = subprocess.run(cmd, env=env, preexec_fn=_die_with_parent).returncode
+        if rc != 0:
+            raise MaltError(f"{path}: the DeepSpeed train stage failed (torchrun exit status "
+                            f"{rc}, its error is above); rerunning resumes it")
 
     @property
     def star(self) -> bool:
@@ -352,13 +425,39 @@ class Run:
     def checkpoints(self) -> Path:
         return self.dir / "train" / "checkpoints"
 
-    def load_trained_adapters(self) -> bool:
-        """This round's adapters from a finished training stage (for a standalone evaluate)."""
-        ckpt = self.checkpoints()
-        if not all((ckpt / r / "adapter_config.json").is_file() for r in ROLES):
+    def trained(self, roles=None) -> bool:
+        """Every role of `roles` (default train.roles) exported (an export writes its config
+        file last)."""
+        marker = "adapter_config.json" if self.finetune == "lora" else "config.json"
+        roles = train_config(self.cfg).roles if roles is None else roles
+        return all((self.checkpoints() / r / marker).is_file() for r in roles)
+
+    def load_trained(self) -> bool:
+        """This round's trained roles, if its training stage finished (a standalone evaluate);
+        roles left out of train.roles decode with the base."""
+        if not self.trained():
             return False
-        use_adapters(self.model, ckpt)
+        self.use_roles(self.checkpoints())
         return True
+
+    def use_roles(self, ckpt_dir) -> list[str]:
+        """Make the trained roles in ckpt_dir/{role}/ the ones role_engines() decodes with: PEFT
+        adapters copied into the shared base (LoRA), or HF models loaded (full fine-tuning).
+        Returns the roles found."""
+        from malt_fast.errors import fail
+        from malt_fast.model import load_model
+
+        if self.finetune == "lora":
+            return use_adapters(self.model, ckpt_dir)
+        ckpt_dir = Path(ckpt_dir)
+        roles = [r for r in ROLES + (STAR,) if (ckpt_dir / r / "config.json").is_file()]
+        if not roles:
+            raise fail(ckpt_dir, "no trained role models here (is the previous round finished?)")
+        self.models.roles = {}  # the old ones go before the new ones load
+        gc.collect()
+        for r in roles:
+            self.models.roles[r] = load_model(ckpt_dir / r, *self.placement())
+        return roles
 
     def base_results(self) -> dict | None:
         """Round 1's results, whose untrained methods (SA, MA, ...) later rounds reuse: the
@@ -397,7 +496,7 @@ class Run:
             if not engines:
                 engines["base"] = self.engine(None) if base is None else None
                 engines["tuned"] = self.role_engines() if trained else None
-                engines["star"] = self.engine(STAR) if trained and self.star else None
+                engines["star"] = self.role_engine(STAR) if trained and self.star else None
             kw = dict(seeds=(seed,), questions=e["questions"], chains=e["chains"],
                       sampling=level_sampling(c), prompts_path=c["prompts"])
             if base is None:
@@ -415,6 +514,16 @@ class Run:
         write_report(results, out)
         self.record("evaluate", time.perf_counter() - t0)
         return results
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: be sent SIGTERM when `malt-fast run` dies (also by SIGKILL), so an
+    orphaned training job never races the rerun that resumes it."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def use_adapters(model, ckpt_dir) -> list[str]:
@@ -581,8 +690,8 @@ def run_pipeline(cfg: dict, log=print) -> dict:
         run.start_round()
         trees = run.expand()
         data = run.credit(trees)
-        adapters = run.train(data)
-        results = run.evaluate(trained=bool(adapters), base=run.base_results())
+        trained = run.train(data)
+        results = run.evaluate(trained=bool(trained), base=run.base_results())
         summary = json.loads((data / "summary.json").read_text())
         rounds.append({"round": r, "theta": run.theta, "results": results, "summary": summary,
                        "dir": run.dir})

@@ -224,12 +224,13 @@ class Profiler:
     def flops_per_token(self, kind: str) -> float:
         """prefill: decoder layers only (the LM head runs on one position per row); decode and
         reference: forward incl. LM head; train: forward + backward through frozen weights
-        (input gradients only: LoRA leaves the base weights without gradients), 2x forward."""
+        (input gradients only: LoRA leaves the base weights without gradients), 2x forward;
+        train_full: full fine-tuning also computes the weights' gradients, 3x forward."""
         if self.config is None:
             return 0.0
         body, head = matmul_params(self.config)
         return {"prefill": 2 * body, "forward": 2 * (body + head),
-                "train": 4 * (body + head)}[kind]
+                "train": 4 * (body + head), "train_full": 6 * (body + head)}[kind]
 
     # ------------------------------------------------------------ report
 
@@ -384,7 +385,8 @@ def instrumented(prof: Profiler, log=print):
         def wrapped(self, rec, *args, **kwargs):
             if isinstance(rec, dict) and rec.get("phase") in ("sft", "dpo"):
                 n = rec.get("model_tokens", rec.get("tokens", 0)) or 0
-                prof.count(n, n * prof.flops_per_token("train"))
+                full = getattr(getattr(self, "cfg", None), "finetune", "lora") == "full"
+                prof.count(n, n * prof.flops_per_token("train_full" if full else "train"))
             return orig(self, rec, *args, **kwargs)
         return wrapped
 

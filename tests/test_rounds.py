@@ -38,7 +38,9 @@ def config(assets, tokenizer, run_dir, **over):
            "threads": 1, "dataset": str(data), "train_questions": 4, "n": 2,
            "chunk_questions": 2, "rounds": 2,
            "sampling": {"temperature": 1.0, "max_new_tokens": 8},
-           "engine": {"max_batch": 16, "cache_tokens": 4096},
+           # through the adapters, so the spy below can read which adapter each engine runs
+           # (merged role weights: tests/test_pipeline_finetune.py)
+           "engine": {"max_batch": 16, "cache_tokens": 4096, "merge_adapters": False},
            "credit": {"theta_schedule": THETAS},
            "train": {"batch_size": 2, "lora": {"rank": 2, "alpha": 4.0}, "tensorboard": False},
            "evaluate": {"seeds": [0, 1], "questions": 2, "chains": 3}}

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from malt_fast.errors import MaltError
+
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
@@ -35,3 +37,27 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     if name == "auto":
         return fast_dtype(device)
     return getattr(torch, name)
+
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def placement(dtype: str, device: str, source) -> tuple[torch.dtype, torch.device]:
+    """A config's `dtype` and `device` fields as torch objects ('auto' device: CUDA when there
+    is one; 'auto' dtype: fast_dtype there); a bad one is a one-line error naming `source` and
+    the field."""
+    if dtype not in DTYPES:
+        raise MaltError(f"{source}: field 'dtype': expected one of {', '.join(DTYPES)}, "
+                        f"got {dtype!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = None
+    if isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            pass
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise MaltError(f"{source}: field 'device': expected auto, cpu, cuda or cuda:N, "
+                        f"got {device!r}")
+    return resolve_dtype(dtype, dev), dev

@@ -35,14 +35,12 @@ import torch
 from torch import nn
 
 from malt_fast.errors import MaltError, fail
-from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, lora_modules,
-                                  save_adapter, set_adapter)
+from malt_fast.model.lora import adapter_parameters, lora_modules, save_adapter, set_adapter
 from malt_fast.train.losses import dpo_loss
 from malt_fast.train.reference import reference_logprobs
-from malt_fast.train.trainer import (RoleRNG, TrainConfig, Trainer, atomic_torch_save, joined,
-                                     policy_logprobs)
+from malt_fast.train.trainer import (RoleRNG, TrainConfig, Trainer, atomic_torch_save, job_config,
+                                     joined, load_job_model, policy_logprobs)
 
-FINETUNE_MODES = ("lora", "full")
 # activation_checkpointing keys that only mean something with model parallelism (not used here)
 _MODEL_PARALLEL_ONLY = ("partition_activations", "cpu_checkpointing",
                         "contiguous_memory_optimization")
@@ -50,23 +48,28 @@ _MODEL_PARALLEL_ONLY = ("partition_activations", "cpu_checkpointing",
 
 @dataclass
 class DeepSpeedSpec:
-    """The run config's `deepspeed:` entry: a JSON path, or {config: path, finetune: lora|full}."""
+    """A config's `deepspeed:` entry: a JSON path, or {config: path, nproc: N}. `nproc` is the
+    number of processes `malt-fast run` launches for its train stage; `malt-fast train` runs
+    with whatever its launcher started."""
     config: Path
-    finetune: str = "lora"
+    nproc: int = 1
 
 
 def parse_spec(entry, source) -> DeepSpeedSpec:
     if isinstance(entry, (str, Path)):
         return DeepSpeedSpec(Path(entry))
-    if not isinstance(entry, dict) or "config" not in entry:
-        raise fail(source, "deepspeed: must be a JSON path or a mapping with a 'config' path")
-    unknown = sorted(set(entry) - {"config", "finetune"})
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), (str, Path)):
+        raise fail(source, "field 'deepspeed': expected a JSON path or a mapping with a "
+                           "'config' path")
+    if "finetune" in entry:  # where it lived before train.finetune covered both trainers
+        raise fail(source, "field 'deepspeed.finetune': moved to 'train.finetune'")
+    unknown = sorted(set(entry) - {"config", "nproc"})
     if unknown:
-        raise fail(source, f"unknown deepspeed field {unknown[0]!r} (known: config, finetune)")
-    mode = entry.get("finetune", "lora")
-    if mode not in FINETUNE_MODES:
-        raise fail(source, f"deepspeed.finetune must be one of {FINETUNE_MODES}, got {mode!r}")
-    return DeepSpeedSpec(Path(entry["config"]), mode)
+        raise fail(source, f"unknown field 'deepspeed.{unknown[0]}' (known: config, nproc)")
+    nproc = entry.get("nproc", 1)
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise fail(source, f"field 'deepspeed.nproc': expected an integer >= 1, got {nproc!r}")
+    return DeepSpeedSpec(Path(entry["config"]), nproc)
 
 
 # ---------------------------------------------------------------- DeepSpeed JSON configs
@@ -170,7 +173,7 @@ def resolve_ds_config(raw: dict, source, cfg: TrainConfig, world: int, cuda: boo
 # ---------------------------------------------------------------- process group
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -195,7 +198,7 @@ def init_distributed() -> bool:
     if "RANK" not in os.environ:  # plain `malt-fast train`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = get_accelerator().device_name() == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -282,13 +285,11 @@ class DeepSpeedTrainer(Trainer):
     batch order, per-role RNG streams, schedules (sequential / joint) and metrics writer."""
 
     def __init__(self, model, tokenizer, data_dir, out_dir, cfg: TrainConfig, ds_config: dict,
-                 ds_source, finetune: str = "lora", log=print, after_step=None):
-        super().__init__(model, tokenizer, data_dir, out_dir, cfg, log=log)
-        if finetune not in FINETUNE_MODES:
-            raise MaltError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+                 ds_source, log=print, after_step=None, init_from=None):
+        super().__init__(model, tokenizer, data_dir, out_dir, cfg, log=log, init_from=init_from)
         from deepspeed.accelerator import get_accelerator
 
-        self.finetune, self.after_step, self.ds_source = finetune, after_step, ds_source
+        self.after_step, self.ds_source = after_step, ds_source
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         cuda = get_accelerator().device_name() == "cuda"
@@ -303,27 +304,24 @@ class DeepSpeedTrainer(Trainer):
     def ckpt_dir(self, role) -> Path:
         return self.out_dir / "deepspeed" / role
 
-    def build_engines(self) -> None:
+    def prepare(self) -> None:
         """One engine per role. LoRA adapters are created on the shared base first, each from its
         role's own seeded stream as in the single-process trainer, so every rank (and a
         single-process run) starts from the same adapters; each role then gets its own copy of
-        the model (the last role takes the base itself), which its engine partitions."""
+        the model (with LoRA the last role takes the base itself), which its engine
+        partitions."""
         import deepspeed
 
         base = self.model
         self.rngs = {role: RoleRNG(self.cfg.seed, role) for role in self.cfg.roles}
-        if self.finetune == "lora":
-            for role in self.cfg.roles:
-                if role not in getattr(base, "lora_configs", {}):
-                    with self.rngs[role].active():  # as the trainer: the role's own stream
-                        add_adapter(base, role, LoRAConfig(**self.cfg.lora))
-        else:
-            for p in base.parameters():
-                p.requires_grad_(True)
+        if self.cfg.finetune == "lora":
+            self.add_adapters(base)
         roles = list(self.cfg.roles)
         for i, role in enumerate(roles):
-            model = base if i == len(roles) - 1 else copy.deepcopy(base)
-            if self.finetune == "lora":
+            if self.cfg.finetune == "full":
+                model = self.start_model(role)
+            else:
+                model = base if i == len(roles) - 1 else copy.deepcopy(base)
                 keep_only_adapter(model, role)
             if "activation_checkpointing" in self.ds_config:
                 checkpoint_blocks(model)
@@ -341,7 +339,7 @@ class DeepSpeedTrainer(Trainer):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise fail(self.ds_source, f"rejected by DeepSpeed: {first}") from None
             self.engines[role] = engine
-        self.model = None  # the base now lives, sharded, inside the last role's engine
+        self.model = None  # LoRA: the base lives on, sharded, in the last role's engine
         if self.rank:  # rank 0 continues the single-process streams (dropout); others get their own
             self.rngs = {role: RoleRNG(self.cfg.seed, f"{role}/rank{self.rank}") for role in roles}
 
@@ -358,35 +356,14 @@ class DeepSpeedTrainer(Trainer):
         engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / total))
 
-    # -------------------------------------------------------- run
+    # -------------------------------------------------------- run (Trainer.run's schedule)
 
-    def run(self) -> dict:
-        """Train every configured role; {role: checkpoint directory} on rank 0, {} elsewhere."""
-        self.build_engines()
-        chains = {role: self.role_steps(role) for role in self.cfg.roles}
-        out = {}
-        try:
-            if self.cfg.schedule == "sequential":
-                for role in self.cfg.roles:
-                    for _ in chains[role]:
-                        pass
-                    out[role] = self.export_role(role)
-            else:  # joint: one optimizer step of each role in turn, every rank in the same order
-                pending = list(self.cfg.roles)
-                while pending:
-                    for role in list(pending):
-                        if next(chains[role], None) is None:
-                            pending.remove(role)
-                            out[role] = self.export_role(role)
-        finally:
-            for chain in chains.values():
-                chain.close()
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
-            for engine in self.engines.values():
-                engine.destroy()
-        return {role: path for role, path in out.items() if path is not None}
+    def release(self) -> None:
+        for engine in self.engines.values():
+            engine.destroy()
+
+    def finish_role(self, role) -> Path | None:
+        return self.export_role(role)
 
     def role_steps(self, role):
         """Yields once per optimizer step of the role, over its phases, from the last checkpoint."""
@@ -435,9 +412,11 @@ class DeepSpeedTrainer(Trainer):
                         engine.set_gradient_accumulation_boundary(n == len(chunk) - 1)
                         loss, mets, ntok = self.micro_loss(engine, phase, data.items, idx, ref)
                         if not math.isfinite(mets["loss"]):
-                            raise MaltError(f"{role} {phase}: non-finite loss at step {step}; "
-                                            "the last good checkpoint is "
-                                            f"{self.latest_dir(role)}")
+                            last = self.latest_dir(role)
+                            where = "this role has no checkpoint yet" if last is None else \
+                                f"the last good checkpoint is {last}"
+                            raise MaltError(f"{role} {phase}: non-finite loss ({mets['loss']}) "
+                                            f"at step {step + 1}/{total}; {where}")
                         # DeepSpeed divides by grad_accum; the trainer averages over the
                         # micro-batches the step has, fewer in a phase's short last step
                         engine.backward(loss * (cfg.grad_accum / len(chunk)))
@@ -554,9 +533,10 @@ class DeepSpeedTrainer(Trainer):
             raise fail(tag_dir, f"written by {meta.get('world_size')} ranks, this run has "
                                 f"{self.world}; rerun with {meta.get('world_size')} ranks or use "
                                 "a new out directory")
-        if meta.get("phase") not in self.cfg.phases(role) or meta.get("finetune") != self.finetune:
+        mode = self.cfg.finetune
+        if meta.get("phase") not in self.cfg.phases(role) or meta.get("finetune") != mode:
             raise fail(tag_dir, f"a {meta.get('finetune')} {meta.get('phase')} checkpoint, but "
-                                f"{role} now trains {self.finetune} {self.cfg.phases(role)}; use "
+                                f"{role} now trains {mode} {self.cfg.phases(role)}; use "
                                 "a new out directory")
         meta["tag"] = tag_dir.name
         return meta
@@ -582,7 +562,7 @@ class DeepSpeedTrainer(Trainer):
         atomic_torch_save(self.rngs[role].state, root / tag / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
             meta = {"role": role, "phase": phase, "step": step, "finished": finished,
-                    "world_size": self.world, "finetune": self.finetune,
+                    "world_size": self.world, "finetune": self.cfg.finetune,
                     "config": dataclasses.asdict(self.cfg)}
             (root / tag / "malt.json").write_text(json.dumps(meta, indent=1))
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -601,7 +581,7 @@ class DeepSpeedTrainer(Trainer):
         single-process trainer writes them, gathered one parameter at a time onto rank 0."""
         dest = self.out_dir / "checkpoints" / role
         model = self.engines[role].module.model
-        if self.finetune == "lora":
+        if self.cfg.finetune == "lora":
             with gathered(adapter_parameters(model, role)):
                 if self.rank == 0:
                     save_adapter(model, role, dest)
@@ -627,22 +607,15 @@ def train_from_config(cfg: dict, source, after_step=None) -> dict:
     """`malt-fast train CONFIG` when CONFIG has a `deepspeed:` entry. Run under torchrun or the
     deepspeed launcher (or alone: a one-rank group). Returns {role: checkpoint dir} on rank 0.
     `after_step(role, phase, step)` runs on every rank after each optimizer step."""
-    from malt_fast.data import smollm2_gguf
-    from malt_fast.model import load_model, load_tokenizer
-
+    train = job_config(cfg, source)
     spec = parse_spec(cfg.get("deepspeed"), source)
     raw = read_ds_config(spec.config)
-    train = TrainConfig.from_dict(cfg.get("train"), source)
-    for key in ("data", "out"):
-        if key not in cfg:
-            raise fail(source, f"missing field {key!r}")
     created = init_distributed()
     try:
-        model_path = cfg.get("model") or smollm2_gguf()
-        model = load_model(model_path)
-        tok = load_tokenizer(cfg.get("tokenizer") or model_path)
+        # on the CPU: the engine moves each rank's shards to its device
+        model, tok = load_job_model(cfg, device="cpu")
         trainer = DeepSpeedTrainer(model, tok, cfg["data"], cfg["out"], train, raw, spec.config,
-                                   spec.finetune, after_step=after_step)
+                                   after_step=after_step, init_from=cfg.get("init"))
         return trainer.run()
     finally:
         if created:

@@ -1,23 +1,29 @@
-"""Single-process training of the three roles: SFT, then DPO from the SFT state, LoRA per role.
+"""Single-process training of the three roles: SFT, then DPO from the SFT state.
 
-One frozen base model holds a LoRA adapter per role. Each role's phases run in order (SFT, then
-DPO where enabled); the DPO reference is the role's SFT state, whose log-probs are computed once
-and cached (malt_fast.train.reference), so no second model is kept. Roles run one after another
-(`schedule: sequential`) or interleaved one optimizer step at a time (`joint`); each role has its
-own optimizer and its own RNG stream, so both schedules end at the same weights.
+`finetune: lora` (the default): one frozen base model holds a LoRA adapter per role.
+`finetune: full`: each role trains its own full copy of the base, made when the role starts and
+released once it is exported, so role after role costs the base plus one training copy.
+
+Each role's phases run in order (SFT, then DPO where enabled); the DPO reference is the role's
+SFT state, whose log-probs are computed once and cached (malt_fast.train.reference), so no
+second model is kept. Roles run one after another (`schedule: sequential`) or interleaved one
+optimizer step at a time (`joint`); each role has its own optimizer and its own RNG stream, so
+both schedules end at the same weights.
 
 Batches keep the rows that share a prompt together, and with `packing: tree` (the default) each
 distinct prompt of a batch is run once with all its distinct completions after it under an
 ancestor mask (malt_fast.train.packing): same sequence log-probs as unpacked rows, fewer tokens.
 
-Every `save_every` steps and at each phase end the adapter, optimizer, scheduler, data position
-and RNG are saved; rerunning resumes from there and ends at the same weights. Per step, metrics go
-to `metrics.jsonl` and TensorBoard (`OUT/tensorboard`), and a tqdm bar shows rate and ETA.
+Every `save_every` steps and at each phase end the trained weights, optimizer, scheduler, data
+position and RNG are saved; rerunning resumes from there and ends at the same weights. A
+non-finite loss stops the run, the state before the bad step saved. Per step, metrics go to
+`metrics.jsonl` and TensorBoard (`OUT/tensorboard`), and a tqdm bar shows rate and ETA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -32,17 +38,19 @@ from pathlib import Path
 import torch
 
 from malt_fast.errors import MaltError, fail
-from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, lora_modules,
-                                  save_adapter, set_adapter)
+from malt_fast.model.checkpoint import load_model, save_model
+from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, load_adapter,
+                                  lora_modules, save_adapter, set_adapter)
 from malt_fast.train.losses import (DPO_LOSSES, IGNORE, completion_mask, dpo_loss,
                                     sequence_logprobs, token_logprobs)
 from malt_fast.train.packing import batch_sequence_logprobs, pack_sequences
-from malt_fast.train.reference import reference_logprobs
+from malt_fast.train.reference import model_hash, reference_logprobs
 
 ROLES = ("generator", "verifier", "refiner")
 STAR = "star"  # the STaR baseline's single agent: SFT on sft_star.jsonl, trained like a role
 SCHEDULES = ("sequential", "joint")
 PACKINGS = ("tree", "none")
+FINETUNES = ("lora", "full")
 BACKENDS = (None, "triton", "cpu", "torch")
 
 
@@ -57,6 +65,7 @@ def _is_num(x) -> bool:
 @dataclass
 class TrainConfig:
     roles: tuple[str, ...] = ROLES      # a subset trains only those roles (e.g. one per job)
+    finetune: str = "lora"              # lora: an adapter per role; full: a model copy per role
     schedule: str = "sequential"        # sequential: role after role; joint: one step each in turn
     packing: str = "tree"               # tree: shared prompts run once per batch; none: unpacked
     generator_dpo: bool = False         # the paper trains the generator with SFT only by default
@@ -96,7 +105,8 @@ class TrainConfig:
                 bad("roles", f"unknown role {r!r} (roles are {list(ROLES)}, or {STAR!r})")
         if len(set(self.roles)) != len(self.roles):
             bad("roles", "lists a role twice")
-        for name, choices in (("schedule", SCHEDULES), ("packing", PACKINGS),
+        for name, choices in (("finetune", FINETUNES), ("schedule", SCHEDULES),
+                              ("packing", PACKINGS),
                               ("dpo_loss", DPO_LOSSES), ("backend", BACKENDS)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {list(choices)}")
@@ -130,11 +140,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict | None, source="config") -> "TrainConfig":
         """The `train:` section of a config file; errors name `source` and the field."""
+        if d is not None and not isinstance(d, dict):
+            raise MaltError(f"{source}: field 'train': expected a mapping, got {type(d).__name__}")
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise MaltError(f"{source}: unknown train field {unknown[0]!r}")
+            raise MaltError(f"{source}: unknown field 'train.{unknown[0]}' "
+                            f"(known: {', '.join(known)})")
         try:
             return cls(**d)
         except MaltError as e:
@@ -144,6 +157,42 @@ class TrainConfig:
         if role == STAR or (role == "generator" and not self.generator_dpo):
             return ["sft"]
         return ["sft", "dpo"]
+
+
+# the fields of a `malt-fast train` config (docs/train.md)
+JOB_FIELDS = ("model", "tokenizer", "dtype", "device", "data", "out", "init", "train",
+              "deepspeed")
+
+
+def job_config(cfg, source) -> TrainConfig:
+    """Check a `malt-fast train` config (JOB_FIELDS only; `data` and `out` required) and return
+    its train: section. Errors name `source` and the field."""
+    from malt_fast.model.dtypes import placement
+
+    if not isinstance(cfg, dict):
+        raise fail(source, "expected a mapping of fields at the top level")
+    unknown = sorted(set(cfg) - set(JOB_FIELDS))
+    if unknown:
+        raise fail(source, f"unknown field {unknown[0]!r} (known: {', '.join(JOB_FIELDS)})")
+    for key in ("data", "out"):
+        if key not in cfg:
+            raise fail(source, f"missing field {key!r}")
+    placement(cfg.get("dtype", "float32"), cfg.get("device", "cpu"), source)
+    if cfg.get("init") is not None and not Path(cfg["init"]).is_dir():
+        raise fail(source, f"field 'init': no such directory {cfg['init']}")
+    return TrainConfig.from_dict(cfg.get("train"), source)
+
+
+def load_job_model(cfg: dict, device=None):
+    """(model, tokenizer) of a `malt-fast train` config; `device` overrides the config's."""
+    from malt_fast.data import smollm2_gguf
+    from malt_fast.model import load_tokenizer
+    from malt_fast.model.dtypes import placement
+
+    dtype, dev = placement(cfg.get("dtype", "float32"), cfg.get("device", "cpu"), "config")
+    path = cfg.get("model") or smollm2_gguf()
+    return (load_model(path, dtype=dtype, device=device or dev),
+            load_tokenizer(cfg.get("tokenizer") or path))
 
 
 # ---------------------------------------------------------------- data
@@ -308,15 +357,25 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, model, tokenizer, data_dir, out_dir, cfg: TrainConfig, log=print):
+    """Trains `cfg.roles` from the base `model` on data_dir's sft_{role}.jsonl / dpo_{role}.jsonl.
+
+    `init_from`: a directory of trained roles ({role}/: a PEFT adapter with LoRA, an HF model with
+    full fine-tuning) that a role starts from instead of fresh weights, as iterative rounds
+    continue training; a role without one there starts fresh.
+    """
+
+    def __init__(self, model, tokenizer, data_dir, out_dir, cfg: TrainConfig, log=print,
+                 init_from=None):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        self.init_from = Path(init_from) if init_from is not None else None
         self.device = model.embed_tokens.weight.device
         self.log = log
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.writer = None
         self.tensorboard_off = not cfg.tensorboard
         self._base_hash = None
+        self.role_models: dict = {}  # full fine-tuning: each training role's own model
 
     # one phase = one role's SFT or DPO pass; its state lives in out_dir/state/{role}-{phase}.pt
     def state_path(self, role, phase) -> Path:
@@ -326,41 +385,95 @@ class Trainer:
         return self.out_dir / "state" / f"{role}-{phase}.done"
 
     def run(self) -> dict:
-        """Train every configured role; returns {role: adapter directory}."""
-        cfg = self.cfg
-        self.rngs = {role: RoleRNG(cfg.seed, role) for role in cfg.roles}
-        for role in cfg.roles:
-            if role not in getattr(self.model, "lora_configs", {}):
-                # the initial A matrices come from the role's own stream: a role trained alone
-                # starts where it starts in a three-role run
-                with self.rngs[role].active():
-                    add_adapter(self.model, role, LoRAConfig(**cfg.lora))
-        chains = {role: self.role_steps(role) for role in cfg.roles}
+        """Train every configured role; returns {role: OUT/checkpoints/{role}} (a PEFT adapter,
+        or an HF-format model with full fine-tuning)."""
+        self.prepare()
+        chains = {role: self.role_steps(role) for role in self.cfg.roles}
         out = {}
         try:
-            if cfg.schedule == "sequential":
-                for role in cfg.roles:
+            if self.cfg.schedule == "sequential":
+                for role in self.cfg.roles:
                     for _ in chains[role]:
                         pass
-                    out[role] = self.export(role)
-            else:
-                pending = list(cfg.roles)
+                    out[role] = self.finish_role(role)
+            else:  # joint: one optimizer step of each role in turn
+                pending = list(self.cfg.roles)
                 while pending:
                     for role in list(pending):
                         if next(chains[role], None) is None:
                             pending.remove(role)
-                            out[role] = self.export(role)
+                            out[role] = self.finish_role(role)
         finally:
             for chain in chains.values():
                 chain.close()  # closes progress bars of roles cut short by an error
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
-        set_adapter(self.model, None)
-        return {role: out[role] for role in cfg.roles}
+            self.release()
+        return {role: path for role, path in out.items() if path is not None}
 
-    def export(self, role) -> Path:
-        return save_adapter(self.model, role, self.out_dir / "checkpoints" / role)
+    def prepare(self) -> None:
+        """Each role's RNG stream and, with LoRA, its adapter on the shared base."""
+        self.rngs = {role: RoleRNG(self.cfg.seed, role) for role in self.cfg.roles}
+        if self.cfg.finetune == "lora":
+            self.add_adapters(self.model)
+
+    def release(self) -> None:
+        set_adapter(self.model, None)
+        self.role_models.clear()
+
+    def start_dir(self, role, marker: str) -> Path | None:
+        """init_from/{role} if it holds a finished export (`marker` is the file written last)."""
+        d = self.init_from / role if self.init_from is not None else None
+        return d if d is not None and (d / marker).is_file() else None
+
+    def add_adapters(self, model) -> None:
+        """An adapter per role on `model`: the one it already has (the caller's), the one in
+        init_from, or a new one whose A matrices come from the role's own stream, so a role
+        trained alone starts where it starts in a three-role run."""
+        for role in self.cfg.roles:
+            if role in getattr(model, "lora_configs", {}):
+                continue
+            start = self.start_dir(role, "adapter_config.json")
+            if start is not None:
+                load_adapter(model, start, role)
+                continue
+            with self.rngs[role].active():
+                add_adapter(model, role, LoRAConfig(**self.cfg.lora))
+
+    def start_model(self, role):
+        """Full fine-tuning: a trainable model of the role's own, loaded from init_from or
+        copied from the base."""
+        start = self.start_dir(role, "config.json")
+        if start is None:
+            return copy.deepcopy(self.model).requires_grad_(True)
+        model = load_model(start, dtype=self.model.embed_tokens.weight.dtype, device=self.device)
+        return model.requires_grad_(True)
+
+    def policy(self, role):
+        """What the role's forward runs: the base with the role's adapter active (LoRA), or the
+        role's own model (full), made on first use: roles that have not started hold no copy."""
+        if self.cfg.finetune == "lora":
+            set_adapter(self.model, role)  # the joint schedule switches roles between steps
+            return self.model
+        if role not in self.role_models:
+            self.role_models[role] = self.start_model(role)
+        return self.role_models[role]
+
+    def trained_parameters(self, role) -> list:
+        if self.cfg.finetune == "lora":
+            return adapter_parameters(self.model, role)
+        return list(self.policy(role).parameters())
+
+    def finish_role(self, role) -> Path:
+        """Export a finished role to OUT/checkpoints/{role}. A full copy is released after it:
+        its weights are on disk, and the next role's copy needs the memory."""
+        dest = self.out_dir / "checkpoints" / role
+        if self.cfg.finetune == "lora":
+            return save_adapter(self.model, role, dest)
+        save_model(self.policy(role), dest)
+        del self.role_models[role]
+        return dest
 
     def role_steps(self, role):
         """Yields once per optimizer step of the role, over all its phases."""
@@ -372,10 +485,18 @@ class Trainer:
             yield from self.phase_steps(role, phase)
 
     def load_state(self, role, phase) -> dict:
-        blob = torch.load(self.state_path(role, phase), map_location=self.device,
-                          weights_only=False)
+        path = self.state_path(role, phase)
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        mode = blob["config"].get("finetune", "lora")
+        tensors = blob["params"] if "params" in blob else blob["adapter"]  # "adapter": older runs
+        params = self.trained_parameters(role)
+        shapes = [tuple(t.shape) for t in tensors]
+        if mode != self.cfg.finetune or shapes != [tuple(p.shape) for p in params]:
+            raise fail(path, f"a {mode} fine-tuning state that does not fit this run's "
+                             f"{self.cfg.finetune} {role} weights (mode or shapes differ); use a "
+                             "new out directory")
         with torch.no_grad():
-            for p, saved in zip(adapter_parameters(self.model, role), blob["adapter"]):
+            for p, saved in zip(params, tensors):
                 p.copy_(saved)
         return blob
 
@@ -423,8 +544,10 @@ class Trainer:
         return out
 
     def role_model_key(self, role) -> str:
-        """Cache key of the reference: the base and this role's adapter only, so other roles'
-        adapters (mid-training under the joint schedule) do not change it."""
+        """Cache key of the reference: the role's own weights only (LoRA: the base and this role's
+        adapter), so other roles (mid-training under the joint schedule) do not change it."""
+        if self.cfg.finetune == "full":
+            return model_hash(self.policy(role))
         if self._base_hash is None:
             h = hashlib.sha256()
             for name, t in sorted(self.model.state_dict().items()):
@@ -447,10 +570,10 @@ class Trainer:
     def reference(self, role, data: PhaseData) -> torch.Tensor:
         """[pairs, 2] (chosen, rejected) log-probs under the role's SFT state, cached; computed on
         the unpacked sequences in both packing modes, so both read the same cache file."""
-        set_adapter(self.model, role)
         flat = [joined(s) for pair in data.items for s in pair]
-        return reference_logprobs(self.model, flat, data.path, cache_dir=self.out_dir / "refcache",
-                                  model_key=self.role_model_key(role),
+        key = self.role_model_key(role)
+        return reference_logprobs(self.policy(role), flat, data.path,
+                                  cache_dir=self.out_dir / "refcache", model_key=key,
                                   backend=self.cfg.backend).view(-1, 2)
 
     def phase_steps(self, role: str, phase: str):
@@ -463,7 +586,7 @@ class Trainer:
             self.save(role, phase, None, None, 0, finished=True)
             return
         ref = self.reference(role, data) if phase == "dpo" else None
-        params = adapter_parameters(self.model, role)
+        params = self.trained_parameters(role)
         lr = cfg.sft_lr if phase == "sft" else cfg.dpo_lr
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         batches = self.batch_order(data.groups, epochs, role, phase)
@@ -487,28 +610,36 @@ class Trainer:
         t_phase = time.perf_counter()
         try:
             while step < total:
-                set_adapter(self.model, role)  # the joint schedule switches roles between steps
-                self.model.train()
+                model = self.policy(role).train()
                 t0 = time.perf_counter()
                 metrics, tokens, model_tokens = [], 0, 0
                 chunk = batches[step * micro:(step + 1) * micro]
+                rng_before, bad = self.rngs[role].state, None
                 with self.rngs[role].active():
                     opt.zero_grad(set_to_none=True)
                     for idx in chunk:
-                        loss, mets, ntok, nrun = self.loss(phase, [data.items[i] for i in idx],
-                                                           ref, idx)
+                        loss, mets, ntok, nrun = self.loss(model, phase,
+                                                           [data.items[i] for i in idx], ref, idx)
                         if not torch.isfinite(loss):
-                            raise MaltError(f"{role} {phase}: non-finite loss at step {step}; the "
-                                            f"last good checkpoint is "
-                                            f"{self.state_path(role, phase)}")
+                            bad = loss.item()
+                            break
                         if loss.requires_grad:  # False only if every completion was cut to empty
                             (loss / len(chunk)).backward()
                         metrics.append(mets)
                         tokens += ntok
                         model_tokens += nrun
-                    lr_used = opt.param_groups[0]["lr"]
-                    opt.step()
-                    sched.step()
+                    if bad is None:
+                        lr_used = opt.param_groups[0]["lr"]
+                        opt.step()
+                        sched.step()
+                if bad is not None:
+                    # keep the work up to the bad step: its state (weights, optimizer, RNG as
+                    # before the step) is the last good checkpoint, and a rerun resumes there
+                    self.rngs[role].state = rng_before
+                    opt.zero_grad(set_to_none=True)
+                    self.save(role, phase, opt, sched, step)
+                    raise self.non_finite(role, phase, f"non-finite loss ({bad}) at step "
+                                                       f"{step + 1}/{total}")
                 step += 1
                 self.finish_step(bar, self.device, metrics, t0, t_phase, role=role,
                                  phase=phase, step=step, steps=total, lr=lr_used,
@@ -518,15 +649,16 @@ class Trainer:
                 yield step
         finally:
             bar.close()
-        self.model.eval()
+        opt.zero_grad(set_to_none=True)  # full fine-tuning: gradients as large as the model
+        self.policy(role).eval()
         self.save(role, phase, opt, sched, step, finished=True)
         if self.writer is not None:
             self.writer.flush()
 
-    def loss(self, phase, items, ref, idx):
+    def loss(self, model, phase, items, ref, idx):
         """(loss, metrics, unpacked tokens, token positions run) of one micro-batch."""
         seqs = items if phase == "sft" else [s for pair in items for s in pair]
-        seq, ran = policy_logprobs(self.model, seqs, self.cfg.packing, self.cfg.backend)
+        seq, ran = policy_logprobs(model, seqs, self.cfg.packing, self.cfg.backend)
         tokens = sum(len(p) + len(c) for p, c in seqs)
         if phase == "sft":
             # token-weighted mean NLL over completion tokens, as losses.sft_loss
@@ -540,13 +672,29 @@ class Trainer:
         return loss, mets, tokens, ran
 
     def save(self, role, phase, opt, sched, step, finished=False):
-        blob = {"adapter": [p.detach().clone() for p in adapter_parameters(self.model, role)],
+        """The phase's state after `step` optimizer steps. Non-finite weights are never saved,
+        so every checkpoint on disk is a good one to resume from."""
+        params = self.trained_parameters(role)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise self.non_finite(role, phase, f"the weights went non-finite by step {step}")
+        # saved as they are, not cloned: a full model's copy would double its memory here
+        blob = {"params": [p.detach() for p in params],
                 "optimizer": opt.state_dict() if opt else None,
                 "scheduler": sched.state_dict() if sched else None,
                 "step": step, "rng": self.rngs[role].state, "config": asdict(self.cfg)}
         atomic_torch_save(blob, self.state_path(role, phase))
         if finished:
             self.done_path(role, phase).write_text(str(step))
+
+    def non_finite(self, role, phase, what: str) -> MaltError:
+        """The one-line error that ends a run whose loss or weights went non-finite, naming the
+        phase's last good checkpoint and its step."""
+        path = self.state_path(role, phase)
+        if not path.exists():
+            return MaltError(f"{role} {phase}: {what}; this phase has no checkpoint yet")
+        step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+        return MaltError(f"{role} {phase}: {what}; the last good checkpoint is {path} "
+                         f"(step {step})")
 
     def finish_step(self, bar, device, metrics: list[dict], t0: float, t_phase: float,
                     write: bool = True, **fields) -> dict:

@@ -31,7 +31,8 @@ import torch
 from malt_fast.errors import MaltError
 from malt_fast.model import load_model, load_tokenizer, save_model
 from malt_fast.model.llama import Llama, LlamaConfig
-from malt_fast.train.distributed import parse_spec, read_ds_config, resolve_ds_config
+from malt_fast.train.distributed import (DeepSpeedSpec, parse_spec, read_ds_config,
+                                         resolve_ds_config)
 from malt_fast.train.losses import completion_mask, dpo_loss, sft_loss, token_logprobs
 from malt_fast.train.trainer import TrainConfig, Trainer, collate, joined
 
@@ -188,14 +189,14 @@ def test_three_role_engines_zero3_match_single_process(tmp_path, smollm_gguf):
 
     lora = dict(base, out=str(tmp_path / "ds-lora"), train=TRAIN,
                 deepspeed=str(ds_json(tmp_path, "zero3.json")))
-    full_train = dict(TRAIN, roles=["verifier"], packing="none")
+    full_train = dict(TRAIN, roles=["verifier"], packing="none", finetune="full")
     offload = ds_json(tmp_path, "zero3_offload.json", zero_force_ds_cpu_optimizer=False)
     # torch AdamW on the offloaded states: DeepSpeed's CPU Adam would be compiled first
     offload_cfg = json.loads(offload.read_text())
     del offload_cfg["optimizer"]
     offload.write_text(json.dumps(offload_cfg))
     full = dict(base, out=str(tmp_path / "ds-full"), train=full_train,
-                deepspeed={"config": str(offload), "finetune": "full"})
+                deepspeed=str(offload))
     paths = {}
     killed_cfg = dict(lora, interrupt_at=["verifier", "dpo", 3])
     for name, cfg in [("full", full), ("lora-killed", killed_cfg), ("lora", lora)]:
@@ -308,11 +309,14 @@ def test_unreadable_config_and_spec_errors(tmp_path):
         read_ds_config(tmp_path / "missing.json")
     with pytest.raises(MaltError, match="smaller than the 4 ranks"):
         resolve_ds_config({}, "x.json", TrainConfig(batch_size=2), world=4, cuda=False)
-    assert parse_spec("a.json", "run.yaml").finetune == "lora"
-    assert parse_spec({"config": "a.json", "finetune": "full"}, "run.yaml").finetune == "full"
-    for entry, problem in [({"config": "a.json", "finetune": "qlora"}, "deepspeed.finetune"),
-                           ({"config": "a.json", "stage": 3}, "unknown deepspeed field 'stage'"),
-                           ({"finetune": "full"}, "must be a JSON path or a mapping")]:
+    assert parse_spec("a.json", "run.yaml") == DeepSpeedSpec(Path("a.json"), 1)
+    assert parse_spec({"config": "a.json", "nproc": 8}, "run.yaml") == \
+        DeepSpeedSpec(Path("a.json"), 8)
+    for entry, problem in [({"config": "a.json", "finetune": "full"},
+                            "field 'deepspeed.finetune': moved to 'train.finetune'"),
+                           ({"config": "a.json", "stage": 3}, "unknown field 'deepspeed.stage'"),
+                           ({"config": "a.json", "nproc": 0}, "field 'deepspeed.nproc'"),
+                           ({"finetune": "full"}, "expected a JSON path or a mapping")]:
         with pytest.raises(MaltError, match=f"^run.yaml: .*{problem}"):
             parse_spec(entry, "run.yaml")
 

@@ -137,6 +137,7 @@ def test_joint_resume_is_exact(model_dir, tok, data, tmp_path):
     ("roles", ("verifier", "verifier"), r"train\.roles: lists a role twice"),
     ("schedule", "parallel", r"train\.schedule: must be one of \['sequential', 'joint'\]"),
     ("packing", "flat", r"train\.packing: must be one of \['tree', 'none'\]"),
+    ("finetune", "qlora", r"train\.finetune: must be one of \['lora', 'full'\]"),
     ("batch_size", 0, r"train\.batch_size: must be an integer >= 1, got 0"),
     ("dpo_lr", -1.0, r"train\.dpo_lr: must be a number > 0"),
     ("generator_dpo", "yes", r"train\.generator_dpo: must be true or false"),
@@ -151,8 +152,10 @@ def test_bad_config_values(field, value, message):
 
 
 def test_config_from_dict():
-    with pytest.raises(MaltError, match=r"^c\.yaml: unknown train field 'epochs'$"):
+    with pytest.raises(MaltError, match=r"^c\.yaml: unknown field 'train\.epochs' \(known: ro"):
         TrainConfig.from_dict({"epochs": 3}, source="c.yaml")
+    with pytest.raises(MaltError, match=r"^c\.yaml: field 'train': expected a mapping, got list$"):
+        TrainConfig.from_dict([1], source="c.yaml")
     cfg = TrainConfig.from_dict({"roles": ["refiner"], "schedule": "joint", "packing": "none"})
     assert cfg.roles == ("refiner",) and cfg.schedule == "joint" and cfg.packing == "none"
     assert TrainConfig(roles="verifier").roles == ("verifier",)

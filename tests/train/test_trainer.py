@@ -1,4 +1,5 @@
-"""SFT lowers completion NLL, DPO raises the margin, generator DPO is opt-in, resume is exact."""
+"""SFT lowers completion NLL, DPO raises the margin, generator DPO is opt-in, resume is exact
+(LoRA and full fine-tuning)."""
 
 import json
 import signal
@@ -113,24 +114,26 @@ def test_generator_dpo_when_enabled(model_dir, tok, tmp_path):
     assert {m["phase"] for m in metrics} == {"sft", "dpo"}
 
 
-def train_cmd(model_dir, tok_path, data, out):
+def train_cmd(model_dir, tok_path, data, out, finetune="lora"):
     cfg = {"model": str(model_dir), "tokenizer": str(tok_path), "data": str(data), "out": str(out),
-           "train": {"roles": ["verifier"], "sft_epochs": 6, "dpo_epochs": 6, "batch_size": 1,
-                     "save_every": 3, "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1}}}
+           "train": {"roles": ["verifier"], "finetune": finetune, "sft_epochs": 6,
+                     "dpo_epochs": 6, "batch_size": 1, "save_every": 3,
+                     "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1}}}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return [sys.executable, "-m", "malt_fast.cli", "train", str(path)]
 
 
-def test_killed_run_resumes_to_the_same_weights(model_dir, tok, smollm_gguf, tmp_path):
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_killed_run_resumes_to_the_same_weights(model_dir, tok, smollm_gguf, tmp_path, finetune):
     from safetensors.torch import load_file
 
     write_sets(tmp_path / "data", roles=("verifier",))
     ref_out, cut_out = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(train_cmd(model_dir, smollm_gguf, tmp_path / "data", ref_out), check=True,
-                   capture_output=True, timeout=300)
-    proc = subprocess.Popen(train_cmd(model_dir, smollm_gguf, tmp_path / "data", cut_out),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [train_cmd(model_dir, smollm_gguf, tmp_path / "data", out, finetune)
+           for out in (ref_out, cut_out)]
+    subprocess.run(cmd[0], check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(cmd[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = cut_out / "state" / "verifier-dpo.pt"
     deadline = time.time() + 240
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -138,11 +141,11 @@ def test_killed_run_resumes_to_the_same_weights(model_dir, tok, smollm_gguf, tmp
     proc.send_signal(signal.SIGKILL)  # mid-DPO: after its first checkpoint, before its end
     proc.wait()
     assert state.exists() and not (cut_out / "state" / "verifier-dpo.done").exists()
-    subprocess.run(train_cmd(model_dir, smollm_gguf, tmp_path / "data", cut_out), check=True,
-                   capture_output=True, timeout=300)
-    a = load_file(ref_out / "checkpoints" / "verifier" / "adapter_model.safetensors")
-    b = load_file(cut_out / "checkpoints" / "verifier" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
+    subprocess.run(cmd[1], check=True, capture_output=True, timeout=300)
+    weights = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
+    a = load_file(ref_out / "checkpoints" / "verifier" / weights)
+    b = load_file(cut_out / "checkpoints" / "verifier" / weights)
+    assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
