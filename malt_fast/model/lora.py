@@ -54,10 +54,13 @@ class LoRALinear(nn.Module):
 
     def add(self, name: str, cfg: LoRAConfig):
         w = self.base.weight
-        a = torch.empty(cfg.rank, w.shape[1], dtype=w.dtype, device=w.device)
+        # at least fp32 under a bf16/fp16 base: an AdamW step of lr 1e-4 on an A entry of ~0.04
+        # is below bf16's resolution there (2^-8 relative) and would be rounded away
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        a = torch.empty(cfg.rank, w.shape[1], dtype=dtype, device=w.device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # B = 0 makes the initial update zero
         self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(torch.zeros(w.shape[0], cfg.rank, dtype=w.dtype,
+        self.lora_B[name] = nn.Parameter(torch.zeros(w.shape[0], cfg.rank, dtype=dtype,
                                                      device=w.device))
         self.scaling[name] = cfg.scaling
         self.dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -70,7 +73,8 @@ class LoRALinear(nn.Module):
         if self.active is None:
             return out
         a, b = self.lora_A[self.active], self.lora_B[self.active]
-        return out + (self.dropout[self.active](x) @ a.T @ b.T) * self.scaling[self.active]
+        x = self.dropout[self.active](x).to(a.dtype)
+        return out + ((x @ a.T @ b.T) * self.scaling[self.active]).to(out.dtype)
 
 
 def lora_modules(model: Llama) -> dict[str, LoRALinear]:

@@ -131,3 +131,28 @@ def test_merged_model_equals_the_adapter_view_and_shares_the_rest(base_dir):
     with torch.no_grad():
         set_adapter(model, "verifier")
         torch.testing.assert_close(model(x), merged(x), rtol=0, atol=2e-5)
+
+
+def test_adapters_stay_fp32_under_a_bf16_base(base_dir):
+    model = load_model(base_dir, dtype=torch.bfloat16)
+    add_adapter(model, "generator", LoRAConfig(rank=4, alpha=8))
+    params = adapter_parameters(model, "generator")
+    assert all(p.dtype == torch.float32 for p in params)
+    randomize(model, "generator", 6)
+    x = tokens(7)
+    with torch.no_grad():
+        out = model(x)
+        ref = load_model(base_dir)  # fp32 reference with the same adapter values
+        add_adapter(ref, "generator", LoRAConfig(rank=4, alpha=8))
+        for p, q in zip(adapter_parameters(ref, "generator"), params):
+            p.copy_(q)
+        want = ref(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05)
+    # a small AdamW step survives in the fp32 adapter (in bf16 most of it would round away)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    model(x).float().logsumexp(-1).mean().backward()
+    opt.step()
+    moved = sum((p.detach() != b).sum().item() for p, b in zip(params, before))
+    assert moved > 0.9 * sum(p.numel() for p in params)
