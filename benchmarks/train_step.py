@@ -215,16 +215,12 @@ def main(argv=None):
     def ratio(a, b, key):
         return by[a][key] / max(by[b][key], 1e-9)
 
-    for head in ("eager", "fused"):
-        a, b = f"tree/{head}", f"unpacked/{head}"
+    pairs = [(f"tree/{h}", f"unpacked/{h}", f"tree / unpacked ({h} head)")
+             for h in ("eager", "fused")]
+    pairs += [(f"{p}/fused", f"{p}/eager", f"fused / eager ({p})") for p in ("unpacked", "tree")]
+    for a, b, label in pairs:
         if a in by and b in by:
-            print(f"tree / unpacked ({head} head): {ratio(a, b, 'tokens_per_s'):.2f}x tokens/s "
-                  f"(best), {ratio(a, b, 'tokens_per_s_median'):.2f}x (median), "
-                  f"{ratio(a, b, 'peak_extra_mib'):.2f}x peak memory")
-    for packing in ("unpacked", "tree"):
-        a, b = f"{packing}/fused", f"{packing}/eager"
-        if a in by and b in by:
-            print(f"fused / eager ({packing}): {ratio(a, b, 'tokens_per_s'):.2f}x tokens/s "
+            print(f"{label}: {ratio(a, b, 'tokens_per_s'):.2f}x tokens/s "
                   f"(best), {ratio(a, b, 'tokens_per_s_median'):.2f}x (median), "
                   f"{ratio(a, b, 'peak_extra_mib'):.2f}x peak memory")
     spread = max(losses.values()) - min(losses.values())

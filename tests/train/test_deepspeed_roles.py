@@ -30,10 +30,10 @@ import torch
 
 from malt_fast.errors import MaltError
 from malt_fast.model import load_model, load_tokenizer, save_model
-from malt_fast.model.llama import Llama, LlamaConfig
 from malt_fast.train.distributed import (DeepSpeedSpec, parse_spec, read_ds_config,
                                          resolve_ds_config)
 from malt_fast.train.losses import completion_mask, dpo_loss, sft_loss, token_logprobs
+from test_train_packing import random_llama
 from malt_fast.train.trainer import TrainConfig, Trainer, collate, joined
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,14 +174,7 @@ def test_three_role_engines_zero3_match_single_process(tmp_path, smollm_gguf):
     tok = load_tokenizer(tmp_path / "model")
     msgs = [{"role": "user", "content": QUESTIONS[0]}]
     assert tok.apply_chat_template(msgs) == gguf_tok.apply_chat_template(msgs)
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              tie_word_embeddings=True))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" not in n:
-                p.normal_(0, 0.05)
+    model = random_llama(tok.vocab_size, tie=True, std=0.05)
     save_model(model, tmp_path / "model")
     data = tmp_path / "data"
     write_sets(data)

@@ -16,7 +16,8 @@ from malt_fast.train.packing import pack_sequences
 from malt_fast.train.trainer import TrainConfig, Trainer, policy_logprobs
 
 
-def random_llama(vocab, seed=0, hidden=32, tie=False):
+def random_llama(vocab, seed=0, hidden=32, tie=False, std=0.1):
+    """A tiny Llama with random (non-norm) weights of std `std` (shared by the train tests)."""
     torch.manual_seed(seed)
     model = Llama(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -24,7 +25,7 @@ def random_llama(vocab, seed=0, hidden=32, tie=False):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n:
-                p.normal_(0, 0.1)
+                p.normal_(0, std)
     return model
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from malt_fast.model import load_model, load_tokenizer, save_model
-from malt_fast.model.llama import Llama, LlamaConfig
 from malt_fast.model.lora import set_adapter
 from malt_fast.train.losses import completion_mask, token_logprobs
+from test_train_packing import random_llama
 from malt_fast.train.trainer import TrainConfig, Trainer, collate, encode_pair
 
 QUESTIONS = [f"What is {a} plus {b}?" for a, b in [(2, 3), (4, 4), (7, 1), (5, 6), (9, 2), (3, 8)]]
@@ -26,14 +26,7 @@ def tok(smollm_gguf):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              tie_word_embeddings=True))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" not in n:
-                p.normal_(0, 0.05)
+    model = random_llama(tok.vocab_size, tie=True, std=0.05)
     path = tmp_path_factory.mktemp("tiny") / "model"
     save_model(model, path)
     return path
