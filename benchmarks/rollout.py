@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,17 +34,53 @@ FALLBACK = ["A farmer has 17 sheep and buys 5 more, then sells 8. How many sheep
             "A train travels 60 km per hour for 3 hours. How far does it go?"]
 
 
-def load_questions(k: int) -> list[str]:
+def load_questions(k: int, path: str | None = None) -> list[str]:
+    """The first k GSM8K test questions (from `path`, a JSONL with "question", if given)."""
     from malt_fast.data.assets import DATA_PACKAGES, packaged_file
     from malt_fast.errors import MaltError
 
     try:
-        dist, rel = DATA_PACKAGES["gsm8k"]
-        with open(packaged_file(dist, rel.format(split="test"))) as f:
+        if path is None:
+            dist, rel = DATA_PACKAGES["gsm8k"]
+            path = packaged_file(dist, rel.format(split="test"))
+        with open(path) as f:
             qs = [json.loads(line)["question"] for _, line in zip(range(k), f)]
     except (MaltError, OSError, KeyError):
         qs = []
     return (qs + FALLBACK * k)[:k]
+
+
+def load(args, dtype, device):
+    """Our model and tokenizer: the packaged GGUF, a model path, or random weights in the shape
+    of a directory's config.json (--random-weights; decode speed does not depend on values)."""
+    from malt_fast.data.assets import smollm2_gguf
+    from malt_fast.model.checkpoint import load_model, read_hf_config
+    from malt_fast.model.llama import Llama
+    from malt_fast.model.tokenizer import load_tokenizer
+
+    path = args.model or smollm2_gguf()
+    tok = load_tokenizer(path)
+    if not args.random_weights:
+        return load_model(path, dtype, device), tok
+    torch.manual_seed(args.seed)
+    model = Llama(read_hf_config(Path(path)))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def transformers_copy(model, dtype):
+    """transformers' LlamaForCausalLM with our model's weights (saved and reloaded)."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    from malt_fast.model.checkpoint import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d, dtype)
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype)
+    return hf.to(next(model.parameters()).device).eval()
 
 
 def kv_bytes_per_token(cfg, dtype) -> int:
@@ -71,8 +108,9 @@ def run_transformers(hf, tok, questions, args, per_token) -> dict:
         for i in range(0, len(transcripts), args.hf_batch):
             chunk = [tok.apply_chat_template(m) for m in transcripts[i:i + args.hf_batch]]
             width = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
-            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
+            ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=hf.device)
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk],
+                                device=hf.device)
             out = hf.generate(ids, attention_mask=mask, do_sample=True,
                               temperature=args.temperature, top_p=1.0, top_k=0,
                               num_return_sequences=args.n, max_new_tokens=args.max_new_tokens,
@@ -102,11 +140,11 @@ def run_transformers(hf, tok, questions, args, per_token) -> dict:
 # ---------------------------------------------------------------- (b), (c) our engine
 
 
-def run_engine(model, tok, questions, args, reuse, per_token) -> dict:
+def run_engine(model, tok, questions, args, reuse, per_token, graphs=True) -> dict:
     from malt_fast.rollout import Engine, LevelSampling, RoleLayout, expand_tree
 
     eng = Engine(model, tok, max_batch=args.max_batch, cache_tokens=args.cache_tokens,
-                 prefix_reuse=reuse, progress=not args.json)
+                 prefix_reuse=reuse, progress=not args.json, cuda_graphs=graphs)
     sampling = LevelSampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     _, st = expand_tree(eng, questions, RoleLayout(**LAYOUT), n=args.n, sampling=sampling,
                         seed=args.seed)
@@ -116,11 +154,24 @@ def run_engine(model, tok, questions, args, reuse, per_token) -> dict:
 
 
 def warm_up(model, tok):
-    """First matmuls of each shape build oneDNN kernels; keep that out of every timing."""
+    """First matmuls of each shape build oneDNN/cuBLAS kernels (and Triton compiles): keep that
+    out of every timing."""
     from malt_fast.rollout import Engine
 
     Engine(model, tok, progress=False).generate([tok.encode("Hello there")] * 4, n=2,
                                                 max_new_tokens=4, temperature=0.3)
+
+
+def measured(device, fn, *a, **kw) -> dict:
+    """fn's stats plus the peak device memory it allocated (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    out = fn(*a, **kw)
+    if device.type == "cuda":
+        out["peak_device_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out
 
 
 def main(argv=None) -> int:
@@ -130,7 +181,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="our engine's weights; auto = bf16 only where the CPU has native bf16")
+                   help="our engine's weights; auto = bf16 on CUDA and on CPUs with native bf16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: the "
+                   "packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights in the shape of --model's config.json")
+    p.add_argument("--questions-file", default=None, help="JSONL with a question field")
     p.add_argument("--max-batch", type=int, default=96)
     p.add_argument("--cache-tokens", type=int, default=65536)
     p.add_argument("--hf-dtype", choices=["bfloat16", "float32"], default="float32")
@@ -138,40 +195,40 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma list of a,b,c to leave out")
+    p.add_argument("--graphs-ablation", action="store_true",
+                   help="also run (c) with CUDA graphs off")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--json-out", default=None, help="also write the JSON report to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from malt_fast.data.assets import smollm2_gguf
-    from malt_fast.model.checkpoint import load_model
-    from malt_fast.model.tokenizer import load_tokenizer
-
     from malt_fast.model.dtypes import resolve_dtype
 
-    dtype = resolve_dtype(args.dtype)
-    path = smollm2_gguf()
-    tok = load_tokenizer(path)
-    model = load_model(path, dtype, "cpu")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "auto" and device.type == "cuda" \
+        else resolve_dtype(args.dtype)
+    model, tok = load(args, dtype, device)
     per_token = kv_bytes_per_token(model.config, dtype)
-    questions = load_questions(args.questions)
+    questions = load_questions(args.questions, args.questions_file)
     skip = set(args.skip.split(","))
     results = {}
     load_start = os.getloadavg()[0]
     with torch.inference_mode():
         warm_up(model, tok)
         if "c" not in skip:
-            results["c_engine_reuse"] = run_engine(model, tok, questions, args, True, per_token)
+            results["c_engine_reuse"] = measured(device, run_engine, model, tok, questions, args,
+                                                 True, per_token)
+        if args.graphs_ablation:
+            results["c_engine_reuse_no_graphs"] = measured(
+                device, run_engine, model, tok, questions, args, True, per_token, graphs=False)
         if "b" not in skip:
-            results["b_engine_no_reuse"] = run_engine(model, tok, questions, args, False,
-                                                      per_token)
+            results["b_engine_no_reuse"] = measured(device, run_engine, model, tok, questions,
+                                                    args, False, per_token)
         if "a" not in skip:
-            from transformers import AutoModelForCausalLM
-
-            # transformers keeps GGUF weights packed and computes in fp32: its fastest setting
-            hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                      dtype=getattr(torch, args.hf_dtype)).eval()
+            hf = transformers_copy(model, getattr(torch, args.hf_dtype))
             torch.manual_seed(args.seed)
-            results["a_transformers"] = run_transformers(hf, tok, questions, args, per_token)
+            results["a_transformers"] = measured(device, run_transformers, hf, tok, questions,
+                                                 args, per_token)
     for r in results.values():
         r["tokens_per_s"] = r["generated_tokens"] / r["wall_s"]
     ratios = {}
@@ -185,22 +242,29 @@ def main(argv=None) -> int:
     report = dict(
         config=vars(args), engine_dtype=str(dtype).replace("torch.", ""),
         questions=len(questions),
-        device=f"CPU {platform.processor() or platform.machine()}, "
-               f"{torch.get_num_threads()} threads (no GPU)",
+        device=(torch.cuda.get_device_name(device) if device.type == "cuda" else
+                f"CPU {platform.processor() or platform.machine()}, "
+                f"{torch.get_num_threads()} threads (no GPU)"),
+        weights="random" if args.random_weights else str(args.model or "packaged SmolLM2"),
         versions=dict(python=sys.version.split()[0], torch=torch.__version__,
-                      transformers=_version("transformers")),
+                      transformers=_version("transformers"), triton=_version("triton")),
         loadavg_1m=dict(start=load_start, end=os.getloadavg()[0]),
         results=results, ratios=ratios)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"device: {report['device']}; {report['versions']}; engine dtype "
           f"{report['engine_dtype']}; load avg {report['loadavg_1m']}")
-    print(f"{'method':22s} {'tok/s':>8s} {'generated':>10s} {'prefill':>9s} "
-          f"{'peak KV MiB':>12s} {'wall s':>8s}")
+    print(f"{'method':26s} {'tok/s':>8s} {'generated':>10s} {'prefill':>9s} "
+          f"{'peak KV MiB':>12s} {'wall s':>8s} {'peak dev MiB':>13s}")
     for name, r in results.items():
-        print(f"{name:22s} {r['tokens_per_s']:8.1f} {r['generated_tokens']:10d} "
-              f"{r['prefill_tokens']:9d} {r['peak_kv_bytes'] / 2**20:12.1f} {r['wall_s']:8.1f}")
+        dev_mem = f"{r['peak_device_mem_mib']:13.0f}" if "peak_device_mem_mib" in r else ""
+        print(f"{name:26s} {r['tokens_per_s']:8.1f} {r['generated_tokens']:10d} "
+              f"{r['prefill_tokens']:9d} {r['peak_kv_bytes'] / 2**20:12.1f} {r['wall_s']:8.1f}"
+              f"{dev_mem}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     return 0

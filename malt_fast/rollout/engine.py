@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from malt_fast.errors import MaltError
+from malt_fast.rollout.cuda_graphs import DecodeGraphs
 from malt_fast.rollout.paged_cache import CacheFull, PagedKVCache
 from malt_fast.rollout.sampling import SamplingParams, branch_generator, sample
 
@@ -69,19 +70,25 @@ class Engine:
     """Generates from one model with a paged KV cache.
 
     prefix_reuse=False prefills every branch's whole context itself (the baseline the shared
-    prefix is measured against); everything else is the same.
+    prefix is measured against); everything else is the same. cuda_graphs=False decodes every
+    step eagerly (only the Triton backend, the default on CUDA, has fixed-shape steps).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, cache_tokens: int = 65536,
                  block_size: int = 16, max_prefill_tokens: int = 4096,
                  decode_backend: str = "auto", prefix_reuse: bool = True,
-                 eos_token_ids: list[int] | None = None, progress: bool = True):
+                 eos_token_ids: list[int] | None = None, progress: bool = True,
+                 cuda_graphs: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.prefix_reuse, self.progress = prefix_reuse, progress
         p = next(model.parameters())
         self.cache = PagedKVCache(model.config, -(-cache_tokens // block_size), block_size,
                                   dtype=p.dtype, device=p.device, decode_backend=decode_backend)
+        # fixed-shape decode steps go with the Triton kernel's plan; captured only on CUDA
+        self.graphs = None
+        if cuda_graphs and self.cache.backend == "triton":
+            self.graphs = DecodeGraphs(model, self.cache, max_batch, capture=p.is_cuda)
         if eos_token_ids is None:
             eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
             eos_token_ids += [e for e in model.config.eos_token_ids if e not in eos_token_ids]
@@ -269,7 +276,11 @@ class Engine:
         return self.model.lm_head(h_last)
 
     def _decode_step(self, active: list[_Branch]) -> None:
-        logits = self._forward([b.seq for b in active], [[b.tokens[-1]] for b in active])
+        seqs, last = [b.seq for b in active], [b.tokens[-1] for b in active]
+        if self.graphs is not None and self.graphs.usable(seqs):
+            logits = self.graphs.logits(seqs, last)
+        else:
+            logits = self._forward(seqs, [[t] for t in last])
         self.stats["decode_steps"] += 1
         toks = sample(logits, [b.request.params for b in active], [b.generator for b in active])
         for b, tok in zip(active, toks.tolist()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from malt_fast.errors import MaltError
@@ -52,10 +53,12 @@ def cpp_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
                                                       context_lens, scale)
 
 
-def triton_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
-    from malt_fast.kernels.decode_attention import paged_decode_attention
+def triton_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale, plan=None):
+    from malt_fast.kernels.decode_attention import decode_with_plan, paged_decode_attention
 
-    return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+    if plan is None:
+        return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+    return decode_with_plan(q, k_pool, v_pool, block_tables, plan, scale)
 
 
 DECODE_BACKENDS = {"torch": reference_decode_attention, "cpp": cpp_decode_attention,
@@ -63,19 +66,30 @@ DECODE_BACKENDS = {"torch": reference_decode_attention, "cpp": cpp_decode_attent
 
 
 class PagedKVCache:
-    """Block pool for every layer of one model plus the bookkeeping of the sequences in it."""
+    """Block pool for every layer of one model plus the bookkeeping of the sequences in it.
+
+    The pool has one block more than `num_blocks`: a scratch block that no sequence owns, where
+    the padding rows of a fixed-shape (CUDA graph) decode step write and read.
+    """
 
     def __init__(self, cfg: LlamaConfig, num_blocks: int, block_size: int = 16,
-                 dtype=torch.float32, device="cpu", decode_backend: str = "auto"):
+                 dtype=torch.float32, device="cpu", decode_backend: str = "auto",
+                 max_seq_len: int | None = None):
         if decode_backend == "auto":
             decode_backend = "triton" if torch.device(device).type == "cuda" else "cpp"
         if decode_backend not in DECODE_BACKENDS:
             raise ValueError(f"decode_backend {decode_backend!r}: one of {sorted(DECODE_BACKENDS)}")
+        self.backend = decode_backend
         self.decode_attention = DECODE_BACKENDS[decode_backend]
         self.block_size, self.num_blocks = block_size, num_blocks
         self.n_layers = cfg.num_hidden_layers
+        self.n_kv, self.group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
         self.scale = cfg.head_dim ** -0.5
-        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+        self.scratch = num_blocks
+        # block-table width of fixed-shape decode steps: the longest sequence the model takes
+        self.static_width = self.blocks_for(min(max_seq_len or cfg.max_position_embeddings,
+                                                num_blocks * block_size))
+        shape = (cfg.num_hidden_layers, num_blocks + 1, block_size, cfg.num_key_value_heads,
                  cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -86,6 +100,7 @@ class PagedKVCache:
         self._next_id = 0
         self.peak_used = 0
         self._step = None
+        self._static: dict[int, dict] = {}
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -180,29 +195,83 @@ class PagedKVCache:
         """
         for sid, n in zip(seq_ids, n_new):
             self.reserve(sid, n)
-        device = self.k.device
         T = max(n_new)
-        starts = torch.tensor([self.seqs[s].length for s in seq_ids], dtype=torch.int64)
-        n_new_t = torch.tensor(n_new, dtype=torch.int64)
-        positions = starts[:, None] + torch.arange(T)[None, :]
-        real = torch.arange(T)[None, :] < n_new_t[:, None]
-        max_blocks = max(len(self.seqs[s].blocks) for s in seq_ids)
-        tables = torch.zeros(len(seq_ids), max_blocks, dtype=torch.int64)
-        for i, s in enumerate(seq_ids):
-            blocks = self.seqs[s].blocks
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        starts = np.array([self.seqs[s].length for s in seq_ids], np.int64)
+        n_new_a = np.array(n_new, np.int64)
+        tables = self._tables(seq_ids, max(len(self.seqs[s].blocks) for s in seq_ids))
+        positions = starts[:, None] + np.arange(T)[None, :]
+        real = np.arange(T)[None, :] < n_new_a[:, None]
         bs = self.block_size
-        block_of = torch.gather(tables, 1, (positions // bs).clamp(max=max_blocks - 1))
+        block_of = np.take_along_axis(tables, np.minimum(positions // bs, tables.shape[1] - 1), 1)
         slots = (block_of * bs + positions % bs)[real]
+        ctx = starts + n_new_a
         self._step = dict(
-            T=T, positions=positions.to(device), real=real.to(device),
-            slots=slots.to(device), tables=tables.to(device),
-            ctx_lens=(starts + n_new_t).to(device),
-            tables32=tables.to(torch.int32).to(device),
-            ctx_lens32=(starts + n_new_t).to(torch.int32).to(device))
+            T=T, positions=self._to_device(positions), real=self._to_device(real, torch.bool),
+            slots=self._to_device(slots), tables=self._to_device(tables),
+            ctx_lens=self._to_device(ctx), tables32=self._to_device(tables, torch.int32),
+            ctx_lens32=self._to_device(ctx, torch.int32))
+        if T == 1 and self.backend == "triton":
+            from malt_fast.kernels.decode_attention import build_plan, upload_plan
+
+            packed, dims = build_plan(tables, ctx, bs, self.n_kv, self.group)
+            self._step["plan"] = upload_plan(packed, dims, self.k.device)
         for sid, n in zip(seq_ids, n_new):
             self.seqs[sid].length += n
-        return positions.to(device)
+        return self._step["positions"]
+
+    def fits_static(self, seq_ids: list[int]) -> bool:
+        """Whether one more token of each sequence fits the fixed decode block tables."""
+        return all(self.blocks_for(self.seqs[s].length + 1) <= self.static_width for s in seq_ids)
+
+    def begin_static_decode(self, seq_ids: list[int], bucket: int) -> dict:
+        """`begin(seq_ids, [1] * B)` into fixed buffers of `bucket` >= B rows (Triton backend).
+
+        Rows past B are padding: position 0 of the scratch block. Every call for one bucket
+        returns the same tensors, refilled, which is what a captured CUDA graph reads."""
+        from malt_fast.kernels.decode_attention import DecodePlan, build_plan, plan_size
+
+        B, W, bs = len(seq_ids), self.static_width, self.block_size
+        if B > bucket:
+            raise ValueError(f"{B} sequences in a decode step of {bucket} rows")
+        for sid in seq_ids:
+            self.reserve(sid, 1)
+        tables = np.full((bucket, W), self.scratch, np.int64)
+        starts = np.zeros(bucket, np.int64)
+        for i, s in enumerate(seq_ids):
+            blocks = self.seqs[s].blocks
+            tables[i, : len(blocks)] = blocks
+            starts[i] = self.seqs[s].length
+        lens = starts + 1
+        slots = tables[np.arange(bucket), starts // bs] * bs + starts % bs
+        packed, dims = build_plan(tables, lens, bs, self.n_kv, self.group, capacity=bucket)
+        st = self._static.get(bucket)
+        if st is None:
+            dev = self.k.device
+            i64 = torch.zeros(2 * bucket, dtype=torch.int64, device=dev)
+            i32 = torch.zeros(bucket * W + bucket + plan_size(*dims), dtype=torch.int32,
+                              device=dev)
+            st = self._static[bucket] = dict(
+                T=1, i64=i64, i32=i32, positions=i64[:bucket].view(bucket, 1),
+                slots=i64[bucket:], tables32=i32[: bucket * W].view(bucket, W),
+                ctx_lens32=i32[bucket * W: bucket * W + bucket],
+                plan=DecodePlan(i32[bucket * W + bucket:], *dims))
+        st["i64"].copy_(torch.from_numpy(np.concatenate([starts, slots])), non_blocking=True)
+        st["i32"].copy_(torch.from_numpy(
+            np.concatenate([tables.ravel(), lens, packed]).astype(np.int32)), non_blocking=True)
+        for sid in seq_ids:
+            self.seqs[sid].length += 1
+        self._step = st
+        return st
+
+    def _tables(self, seq_ids: list[int], width: int) -> np.ndarray:
+        tables = np.zeros((len(seq_ids), width), np.int64)
+        for i, s in enumerate(seq_ids):
+            blocks = self.seqs[s].blocks
+            tables[i, : len(blocks)] = blocks
+        return tables
+
+    def _to_device(self, a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+        return torch.from_numpy(a).to(device=self.k.device, dtype=dtype)
 
     def attend(self, layer_idx: int, q, k, v):
         """Write this forward's k/v [B, Hkv, T, D] into the blocks, then attend over the context."""
@@ -211,13 +280,17 @@ class PagedKVCache:
         flat = self.k.shape[1] * self.block_size
         k_flat = self.k[layer_idx].view(flat, Hkv, D)
         v_flat = self.v[layer_idx].view(flat, Hkv, D)
-        real = st["real"]
-        k_flat.index_copy_(0, st["slots"], k.transpose(1, 2)[real].to(k_flat.dtype))
-        v_flat.index_copy_(0, st["slots"], v.transpose(1, 2)[real].to(v_flat.dtype))
+        if T == 1:  # every row of a decode step is a real token (fixed shapes, no masking)
+            k_new, v_new = k[:, :, 0], v[:, :, 0]
+        else:
+            k_new, v_new = k.transpose(1, 2)[st["real"]], v.transpose(1, 2)[st["real"]]
+        k_flat.index_copy_(0, st["slots"], k_new.to(k_flat.dtype))
+        v_flat.index_copy_(0, st["slots"], v_new.to(v_flat.dtype))
         if T == 1:
+            plan = {"plan": st["plan"]} if "plan" in st else {}
             out = self.decode_attention(q[:, :, 0].to(self.k.dtype), self.k[layer_idx],
                                         self.v[layer_idx], st["tables32"], st["ctx_lens32"],
-                                        self.scale)
+                                        self.scale, **plan)
             return out.to(q.dtype).unsqueeze(2)
         return self._prefill_attention(layer_idx, q, st)
 

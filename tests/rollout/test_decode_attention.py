@@ -110,14 +110,43 @@ def test_triton_cascade_matches_plain_attention(cascade, dtype, tol, case):
 
 
 def test_cascade_reads_each_shared_prefix_once():
-    from malt_fast.kernels.decode_attention import _work_items
+    from malt_fast.kernels.decode_attention import build_plan, upload_plan
 
     lengths, shared, Hq, Hkv, D, bs = TRITON_CASES[0]
     *_, tables, lens = build_paged(lengths, shared, Hkv, D, bs, torch.float32)
-    items = _work_items([t for t in tables.tolist()], lens.tolist(), bs, Hkv, Hq // Hkv, 64)
-    shared_items = [it for it in items if len(it[0]) > Hq // Hkv]
+    plan = upload_plan(*build_plan(tables.numpy(), lens.numpy(), bs, Hkv, Hq // Hkv), "cpu")
+    rows, heads, seqs, first, ntok = plan.shared
     # group {0,1,2} shares 2 blocks, group {3,4} shares 2 blocks: one item per (group, kv head)
-    assert sorted(len(it[0]) for it in shared_items) == [8, 8, 12, 12]
-    assert all(it[3] == 32 for it in shared_items)
-    read = sum(len(it[2]) for it in items)
-    assert read < sum(-(-n // bs) for n in lengths) * Hkv
+    assert sorted(int((r >= 0).sum()) for r in rows) == [8, 8, 12, 12]
+    assert ntok.tolist() == [32] * 4 and first.tolist() == [0] * 4
+    own_rows, _, own_seqs, own_first, own_ntok = plan.own
+    # members read their own blocks only from block 2 on; the others from block 0
+    assert own_first.view(-1, Hkv)[:, 0].tolist() == [2, 2, 2, 2, 2, 0]
+    assert own_ntok.view(-1, Hkv)[:, 0].tolist() == [8, 13, 20, 38, 5, 19]
+    read_blocks = ntok.sum() + own_ntok.sum()
+    assert read_blocks < sum(lengths) * Hkv
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+def test_fixed_capacity_plan_matches_plain_attention(dtype, tol):
+    """The CUDA-graph layout: items padded to a capacity, tables wider than needed, padding
+    rows that attend a scratch block; real rows must come out exactly as without padding."""
+    from malt_fast.kernels.decode_attention import build_plan, decode_with_plan, upload_plan
+
+    lengths, shared, Hq, Hkv, D, bs = TRITON_CASES[0]
+    ks, vs, k_pool, v_pool, tables, lens = build_paged(lengths, shared, Hkv, D, bs, dtype, 5)
+    B, bucket, width = len(lengths), 8, tables.shape[1] + 3
+    scratch = k_pool.shape[0] - 1  # a block no sequence uses (build_paged leaves spares)
+    k_pool[scratch], v_pool[scratch] = 0.5, -0.5
+    wide = torch.full((bucket, width), scratch, dtype=torch.int32)
+    wide[:B, : tables.shape[1]] = tables
+    padded_lens = torch.ones(bucket, dtype=torch.int32)
+    padded_lens[:B] = lens
+    plan = upload_plan(*build_plan(wide.long().numpy(), padded_lens.long().numpy(), bs, Hkv,
+                                   Hq // Hkv, capacity=bucket), "cpu")
+    q = torch.randn(bucket, Hq, D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    out = decode_with_plan(q, k_pool, v_pool, wide, plan, D ** -0.5)
+    torch.testing.assert_close(out[:B].double(), plain_attention(q[:B], ks, vs, D ** -0.5),
+                               atol=tol, rtol=tol)
+    assert torch.isfinite(out).all()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks of the rollout engine in one script, for a lent machine with torch, triton and
+# transformers installed but not this package (run from the repository root, logs under $OUT).
+#
+#   phase 1: CUDA tests, decode step vs bandwidth floor (SmolLM2 and Llama-3.2-1B shapes),
+#            rollout benchmark with random SmolLM2-shaped weights;
+#   phase 2: rollout benchmark with the packaged SmolLM2 weights.
+#
+# Files it expects (ignored by git, made by hand; docs/rollout.md says how):
+#   .device/whl/gguf-*.whl            the gguf reader (pure Python)
+#   .device/smol/                     SmolLM2's config.json and tokenizer files
+#   .device/gsm8k_test.jsonl          GSM8K test questions
+#   .device_a/gguf.part, .device_b/gguf.part
+#                                     the GGUF in two halves (the device tool carries at most
+#                                     64 MiB per call: phase 1 brings half, phase 2 the rest)
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \
+  TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .device/whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site
+[ -e malt_fast/kernels ] || ln -s ../kernels malt_fast/kernels
+log=$OUT/session$1.log
+run() { echo "### $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log" | grep -v "it/s]\|tok/s]"; }
+
+if [ "$1" = 1 ]; then
+  mkdir -p /root/gguf && cp .device_a/gguf.part /root/gguf/a
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+    --format=csv | tee -a "$log"
+  python3 -c "import torch, triton, transformers as t; print(torch.__version__, \
+triton.__version__, t.__version__)" | tee -a "$log"
+  run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_cuda.py
+  run timeout 100 python3 benchmarks/decode_step.py --shape smollm2-135m --batch 64 128 256 \
+    --json-out "$OUT/decode_smollm2.json"
+  run timeout 200 python3 benchmarks/rollout.py --device cuda --model .device/smol \
+    --random-weights --questions-file .device/gsm8k_test.jsonl --questions 16 --n 3 \
+    --max-new-tokens 256 --max-batch 256 --cache-tokens 262144 --hf-batch 32 --hf-dtype bfloat16 --graphs-ablation \
+    --json-out "$OUT/rollout_random.json"
+  run timeout 80 python3 benchmarks/decode_step.py --shape llama-3.2-1b --batch 64 128 256 \
+    --json-out "$OUT/decode_llama1b.json"
+else
+  cat /root/gguf/a .device_b/gguf.part > /root/gguf/smollm2.gguf || exit 1
+  sha1sum /root/gguf/smollm2.gguf | tee -a "$log"
+  run timeout 400 python3 benchmarks/rollout.py --device cuda --model /root/gguf/smollm2.gguf \
+    --questions-file .device/gsm8k_test.jsonl --questions 16 --n 3 --max-new-tokens 256 \
+    --max-batch 256 --cache-tokens 262144 --hf-batch 32 --hf-dtype bfloat16 --graphs-ablation \
+    --json-out "$OUT/rollout_smollm2.json"
+fi

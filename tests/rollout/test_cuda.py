@@ -1,0 +1,88 @@
+"""CUDA-only checks, skipped without a GPU: the compiled Triton decode kernel against fp64
+attention, and the engine with CUDA graphs against transformers and against eager steps.
+
+Their CPU twins (the kernel under TRITON_INTERPRET=1, the fixed-shape steps run eagerly) are in
+test_decode_attention.py and test_engine.py; these run where a GPU is lent (docs/rollout.md)."""
+
+import pytest
+import torch
+
+from test_decode_attention import TRITON_CASES, build_paged, plain_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_CASES = TRITON_CASES + [
+    # 48 branches in 16 groups of 3 sharing 320 tokens, own suffixes of odd lengths; Llama-8B heads
+    ([321 + 7 * i for i in range(48)], [None if i % 3 == 0 else (i - i % 3, 320)
+                                        for i in range(48)], 32, 8, 128, 16),
+    # SmolLM2 heads, shared prefixes of different lengths
+    ([700, 710, 523, 530, 537, 17], [None, (0, 688), None, (2, 512), (2, 512), None], 9, 3, 64, 16),
+]
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "flat"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_triton_kernel_on_gpu(cascade, dtype, tol, case):
+    from malt_fast.kernels.decode_attention import paged_decode_attention
+
+    lengths, shared, Hq, Hkv, D, bs = GPU_CASES[case]
+    ks, vs, k_pool, v_pool, tables, lens = build_paged(lengths, shared, Hkv, D, bs, dtype, case)
+    q = torch.randn(len(lengths), Hq, D, generator=torch.Generator().manual_seed(case)).to(dtype)
+    out = paged_decode_attention(q.cuda(), k_pool.cuda(), v_pool.cuda(), tables.cuda(),
+                                 lens.cuda(), D ** -0.5, cascade=cascade)
+    ref = plain_attention(q, ks, vs, D ** -0.5)
+    err = (out.cpu().double() - ref).norm() / ref.norm()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from malt_fast.model.checkpoint import load_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=3, bos_token_id=1, initializer_range=0.3)
+    hf = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny")
+    hf.save_pretrained(path)
+    return hf.cuda(), load_model(path, torch.float32, "cuda")
+
+
+PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 17, list(range(50, 55)), [200]]
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_engine_greedy_matches_transformers_on_gpu(tiny_cuda, graphs):
+    from malt_fast.rollout import Engine
+
+    hf, ours = tiny_cuda
+    eng = Engine(ours, None, block_size=16, max_batch=8, progress=False, cuda_graphs=graphs)
+    out = eng.generate(PROMPTS, n=2, max_new_tokens=40)
+    assert (eng.graphs is not None) == graphs
+    if graphs:
+        assert eng.graphs.graphs, "no CUDA graph was captured"
+    for prompt, comps in zip(PROMPTS, out):
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=40,
+                              do_sample=False, eos_token_id=[3], pad_token_id=3,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
+                                                        device="cuda"))
+        ref = ref[0, len(prompt):].tolist()
+        assert comps == [ref, ref]
+
+
+def test_graph_steps_sample_like_eager_steps_on_gpu(tiny_cuda):
+    from malt_fast.rollout import Engine
+
+    _, ours = tiny_cuda
+    prompts = [list(range(10, 42)), list(range(60, 77)), list(range(100, 164))]
+    runs = []
+    for graphs in (True, False):
+        eng = Engine(ours, None, block_size=16, max_batch=12, progress=False, cuda_graphs=graphs)
+        runs.append(eng.generate(prompts, n=4, max_new_tokens=30, temperature=0.9, seed=11))
+    assert runs[0] == runs[1]
