@@ -41,9 +41,10 @@ triton.__version__, t.__version__)" | tee -a "$log"
   run timeout 80 python3 benchmarks/decode_step.py --shape llama-3.2-1b --batch 64 128 256 \
     --json-out "$OUT/decode_llama1b.json"
 else
+  [ -f /root/gguf/a ] || { echo "phase 2 needs the machine of phase 1 (its first half of the GGUF)"; exit 1; }
   cat /root/gguf/a .device_b/gguf.part > /root/gguf/smollm2.gguf || exit 1
   sha1sum /root/gguf/smollm2.gguf | tee -a "$log"
-  run timeout 400 python3 benchmarks/rollout.py --device cuda --model /root/gguf/smollm2.gguf \
+  run timeout 260 python3 benchmarks/rollout.py --device cuda --model /root/gguf/smollm2.gguf \
     --questions-file .device/gsm8k_test.jsonl --questions 16 --n 3 --max-new-tokens 256 \
     --max-batch 256 --cache-tokens 262144 --hf-batch 32 --hf-dtype bfloat16 --graphs-ablation \
     --json-out "$OUT/rollout_smollm2.json"
