@@ -35,12 +35,19 @@ MAX_SHARED_ROWS = 64
 
 
 @triton.jit
-def _partial_attention_kernel(
+def _attention_items_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, rows_ptr, heads_ptr, seqs_ptr, first_ptr, ntok_ptr,
-    out_ptr, lse_ptr, scale, table_width,
+    part_out_ptr, part_lse_ptr, slot_ptr, out_ptr, scale, table_width,
     HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, MAXQ: tl.constexpr,
     TOK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SHARED_IN: tl.constexpr, FINAL: tl.constexpr,
 ):
+    """One item: online softmax over `ntok` tokens of a sequence's blocks from `first` on.
+
+    Shared pass (FINAL=0): store each row's normalised partial and log-sum-exp at the item's
+    slots of part_out/part_lse. Own pass (FINAL=1): start each row from its shared partial
+    (slot_ptr maps a query row to it, -1 for none) when SHARED_IN, continue over the row's own
+    tokens, and store the finished row in out (q's dtype); no separate merge step."""
     item = tl.program_id(0)
     r = tl.arange(0, MAXQ)
     d = tl.arange(0, D)
@@ -54,10 +61,18 @@ def _partial_attention_kernel(
     q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if SHARED_IN:
+        slot = tl.load(slot_ptr + rows, mask=live, other=-1)
+        has = slot >= 0
+        m = tl.load(part_lse_ptr + slot, mask=has, other=float("-inf"))
+        l = tl.where(has, 1.0, 0.0)
+        acc = tl.load(part_out_ptr + slot[:, None] * D + d[None, :], mask=has[:, None],
+                      other=0.0)
+    else:
+        m = tl.full((MAXQ,), float("-inf"), tl.float32)
+        l = tl.zeros((MAXQ,), tl.float32)
+        acc = tl.zeros((MAXQ, D), tl.float32)
     table = tables_ptr + seq * table_width + first
-    m = tl.full((MAXQ,), float("-inf"), tl.float32)
-    l = tl.zeros((MAXQ,), tl.float32)
-    acc = tl.zeros((MAXQ, D), tl.float32)
     for j in range(0, tl.cdiv(n, TOK)):
         pos = j * TOK + t
         valid = pos < n
@@ -82,11 +97,15 @@ def _partial_attention_kernel(
         else:
             acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m = m_new
-    # an empty item (n == 0, a padding slot) stores 0 with lse -inf; its rows are all -1 anyway
+    # an empty item (n == 0, a padding slot) has l == 0: it stores 0 with lse -inf
     seen = l > 0
     l = tl.where(seen, l, 1.0)
-    tl.store(out_ptr + (item * MAXQ + r[:, None]) * D + d[None, :], acc / l[:, None])
-    tl.store(lse_ptr + item * MAXQ + r, tl.where(seen, m + tl.log(l), float("-inf")))
+    if FINAL:
+        tl.store(out_ptr + rows[:, None] * D + d[None, :],
+                 (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
+    else:
+        tl.store(part_out_ptr + (item * MAXQ + r[:, None]) * D + d[None, :], acc / l[:, None])
+        tl.store(part_lse_ptr + item * MAXQ + r, tl.where(seen, m + tl.log(l), float("-inf")))
 
 
 # ---------------------------------------------------------------- the plan
@@ -98,32 +117,40 @@ def item_rows(hkv: int, group: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(per_item)), max(16, triton.next_power_of_2(group))
 
 
-def shared_groups(tables: np.ndarray, lens: np.ndarray, bs: int) -> list[tuple[np.ndarray, int]]:
-    """Sequences with a common run of full leading blocks: (members, shared block count)."""
-    groups = []
-    long_enough = np.flatnonzero(lens >= bs)
-    firsts = tables[long_enough, 0]
-    for first in np.unique(firsts):
-        members = long_enough[firsts == first]
-        if len(members) < 2:
-            continue
-        full = int(lens[members].min()) // bs
-        same = (tables[members, :full] == tables[members[0], :full]).all(0)
-        shared = full if same.all() else int(np.argmin(same))
-        groups.append((members, shared))
-    return groups
+def shared_prefixes(tables: np.ndarray, lens: np.ndarray, bs: int):
+    """Sequences that share full leading blocks with others of their group (same first block).
+
+    Returns (members, group of each member, shared block count of each member), members sorted
+    by group; a group's count is the run of leading blocks all of its members have in common."""
+    cand = np.flatnonzero(lens >= bs)
+    if len(cand) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    cand = cand[np.argsort(tables[cand, 0], kind="stable")]
+    _, first_of, counts = np.unique(tables[cand, 0], return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(counts)), counts)
+    leader = cand[first_of][group]
+    width = int((lens[cand] // bs).max())  # blocks past every full block cannot be shared
+    same = tables[cand, :width] == tables[leader, :width]
+    run = np.where(same.all(1), width, same.argmin(1))
+    shared = np.minimum(np.minimum.reduceat(run, first_of),
+                        np.minimum.reduceat(lens[cand] // bs, first_of))
+    shared[counts < 2] = 0
+    keep = shared[group] > 0
+    return cand[keep], group[keep], shared[group[keep]]
 
 
 @dataclass
 class DecodePlan:
     """Work items of one decode step in one int32 buffer: `shared` then `own` items, each
-    (rows [I, Q], kv head [I], sequence [I], first block [I], tokens [I])."""
+    (rows [I, Q], kv head [I], sequence [I], first block [I], tokens [I]), then `slots`: per
+    query row, the flat index of its partial in the shared pass's output (-1 for none)."""
 
     buffer: torch.Tensor
     n_shared: int
     n_own: int
     q_shared: int
     q_own: int
+    n_rows: int
 
     def _fields(self, offset, n, q):
         b = self.buffer
@@ -138,12 +165,20 @@ class DecodePlan:
 
     @property
     def own(self):
-        return self._fields(self._fields(0, self.n_shared, self.q_shared)[1], self.n_own,
-                            self.q_own)[0]
+        return self._fields(self._own_offset, self.n_own, self.q_own)[0]
+
+    @property
+    def slots(self):
+        start = self._own_offset + self.n_own * (self.q_own + 4)
+        return self.buffer[start: start + self.n_rows]
+
+    @property
+    def _own_offset(self):
+        return self.n_shared * (self.q_shared + 4)
 
 
-def plan_size(n_shared: int, n_own: int, q_shared: int, q_own: int) -> int:
-    return n_shared * (q_shared + 4) + n_own * (q_own + 4)
+def plan_size(n_shared: int, n_own: int, q_shared: int, q_own: int, n_rows: int) -> int:
+    return n_shared * (q_shared + 4) + n_own * (q_own + 4) + n_rows
 
 
 def capacity_items(batch: int, hkv: int, group: int) -> tuple[int, int]:
@@ -155,47 +190,57 @@ def capacity_items(batch: int, hkv: int, group: int) -> tuple[int, int]:
 
 def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: int,
                cascade: bool = True, capacity: int | None = None) -> tuple[np.ndarray, tuple]:
-    """The packed int32 plan and its (n_shared, n_own, q_shared, q_own).
+    """The packed int32 plan and its (n_shared, n_own, q_shared, q_own, n_rows).
 
-    capacity: pad to the item counts of that many sequences (fixed shapes for CUDA graphs)."""
+    Every query row belongs to exactly one own item (which writes its output, even when the
+    row has no tokens of its own) and to at most one shared item. capacity: pad to the item
+    counts of that many sequences (fixed shapes for CUDA graphs)."""
     B = len(lens)
     q_shared, q_own = item_rows(hkv, group)
     per_chunk = max(1, MAX_SHARED_ROWS // group)
     start = np.zeros(B, np.int64)
-    shared = []  # (rows, head, seq, tokens)
-    for members, n_blocks in (shared_groups(tables, lens, bs) if cascade else []):
-        if n_blocks == 0:
-            continue
-        start[members] = n_blocks
-        for c in range(0, len(members), per_chunk):
-            chunk = members[c:c + per_chunk]
-            for h in range(hkv):
-                rows = ((chunk[:, None] * hkv + h) * group + np.arange(group)).ravel()
-                shared.append((rows, h, chunk[0], n_blocks * bs))
+    members, gid, n_blocks = (shared_prefixes(tables, lens, bs) if cascade
+                              else (np.empty(0, np.int64),) * 3)
+    start[members] = n_blocks
+    # members of a group go into chunks of per_chunk; one shared item per (chunk, kv head)
+    rank = np.arange(len(members)) - np.searchsorted(gid, gid)
+    chunk = rank // per_chunk
+    new_chunk = np.r_[True, (gid[1:] != gid[:-1]) | (chunk[1:] != chunk[:-1])] \
+        if len(members) else np.empty(0, bool)
+    chunk_id = np.cumsum(new_chunk) - 1
+    n_items = int(new_chunk.sum()) * hkv
     b, h = np.divmod(np.arange(B * hkv), hkv)
-    own_tokens = lens[b] - start[b] * bs
     own_rows = np.full((B * hkv, q_own), -1, np.int64)
     own_rows[:, :group] = (b * hkv + h)[:, None] * group + np.arange(group)
-    own_rows[own_tokens <= 0] = -1
-    n_shared, n_own = len(shared), B * hkv
+    n_shared, n_own, n_rows = n_items, B * hkv, B * hkv * group
     if capacity is not None:
         cap_shared, cap_own = capacity_items(capacity, hkv, group)
         if n_shared > cap_shared or n_own > cap_own:
             raise ValueError(f"decode plan of {B} sequences exceeds the capacity of {capacity}")
-        n_shared, n_own = cap_shared, cap_own
-    out = np.zeros(plan_size(n_shared, n_own, q_shared, q_own), np.int32)
+        n_shared, n_own, n_rows = cap_shared, cap_own, cap_own * group
     rows_s = np.full((n_shared, q_shared), -1, np.int32)
     fields_s = np.zeros((4, n_shared), np.int32)
-    for i, (rows, head, seq, ntok) in enumerate(shared):
-        rows_s[i, : len(rows)] = rows
-        fields_s[:, i] = (head, seq, 0, ntok)
+    slots = np.full(n_rows, -1, np.int32)
+    heads, gs = np.arange(hkv)[None, :, None], np.arange(group)[None, None, :]
+    item = chunk_id[:, None, None] * hkv + heads  # [members, hkv, 1]
+    col = (rank % per_chunk)[:, None, None] * group + gs  # [members, 1, group]
+    row = (members[:, None, None] * hkv + heads) * group + gs  # [members, hkv, group]
+    item, col = np.broadcast_to(item, row.shape), np.broadcast_to(col, row.shape)
+    rows_s[item, col] = row
+    slots[row] = item * q_shared + col
+    chunk_first = np.flatnonzero(new_chunk)
+    fields_s[:, :n_items] = (np.tile(np.arange(hkv), len(chunk_first)),
+                             np.repeat(members[chunk_first], hkv), np.zeros(n_items),
+                             np.repeat(n_blocks[chunk_first] * bs, hkv))
     rows_o = np.full((n_own, q_own), -1, np.int32)
     rows_o[: B * hkv] = own_rows
     fields_o = np.zeros((4, n_own), np.int32)
-    fields_o[:, : B * hkv] = (h, b, start[b], np.maximum(own_tokens, 0))
-    parts = [rows_s.ravel(), fields_s.ravel(), rows_o.ravel(), fields_o.ravel()]
-    np.concatenate(parts, out=out)
-    return out, (n_shared, n_own, q_shared, q_own)
+    fields_o[:, : B * hkv] = (h, b, start[b], lens[b] - start[b] * bs)
+    dims = (n_shared, n_own, q_shared, q_own, n_rows)
+    out = np.empty(plan_size(*dims), np.int32)
+    np.concatenate([rows_s.ravel(), fields_s.ravel(), rows_o.ravel(), fields_o.ravel(), slots],
+                   out=out)
+    return out, dims
 
 
 def upload_plan(packed: np.ndarray, dims: tuple, device, into: torch.Tensor | None = None
@@ -210,32 +255,31 @@ def upload_plan(packed: np.ndarray, dims: tuple, device, into: torch.Tensor | No
     return DecodePlan(buf, *dims)
 
 
-# ---------------------------------------------------------------- launch and merge
+# ---------------------------------------------------------------- launch
 
 
 def decode_with_plan(q, k_pool, v_pool, block_tables, plan: DecodePlan, scale):
-    """Decode attention [B, Hq, D] from a plan; no host synchronisation (CUDA-graph safe)."""
+    """Decode attention [B, Hq, D] from a plan: the shared pass, then the own pass that finishes
+    every row. No host synchronisation (CUDA-graph safe)."""
     B, Hq, D = q.shape
     _, bs, hkv, _ = k_pool.shape
+    if plan.n_rows != B * Hq:
+        raise ValueError(f"decode plan covers {plan.n_rows} query rows, q has {B * Hq}")
     q = q.contiguous()
-    outs, lses, rows_all = [], [], []
-    for (rows, heads, seqs, first, ntok), maxq in ((plan.shared, plan.q_shared),
-                                                    (plan.own, plan.q_own)):
-        n = rows.shape[0]
-        if n == 0:
-            continue
-        out = torch.empty(n, maxq, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(n, maxq, dtype=torch.float32, device=q.device)
-        _partial_attention_kernel[(n,)](
-            q, k_pool, v_pool, block_tables, rows, heads, seqs, first, ntok, out, lse,
-            float(scale), block_tables.shape[1],
-            HKV=hkv, D=D, BS=bs, MAXQ=maxq, TOK=max(TOKENS_PER_ITER, bs), UPCAST=_UPCAST,
-            IEEE=k_pool.dtype == torch.float32)
-        outs.append(out.flatten(0, 1))
-        lses.append(lse.flatten())
-        rows_all.append(rows.flatten())
-    merged = _merge(torch.cat(outs), torch.cat(lses), torch.cat(rows_all), B * Hq)
-    return merged.view(B, Hq, D).to(q.dtype)
+    out = torch.empty_like(q)
+    n_part = max(1, plan.n_shared * plan.q_shared)
+    part_out = torch.empty(n_part, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(n_part, dtype=torch.float32, device=q.device)
+    common = dict(HKV=hkv, D=D, BS=bs, TOK=max(TOKENS_PER_ITER, bs), UPCAST=_UPCAST,
+                  IEEE=k_pool.dtype == torch.float32)
+    passes = [(plan.shared, plan.q_shared, False)] if plan.n_shared else []
+    passes.append((plan.own, plan.q_own, True))
+    for (rows, heads, seqs, first, ntok), maxq, final in passes:
+        _attention_items_kernel[(rows.shape[0],)](
+            q, k_pool, v_pool, block_tables, rows, heads, seqs, first, ntok, part_out,
+            part_lse, plan.slots, out, float(scale), block_tables.shape[1],
+            MAXQ=maxq, SHARED_IN=final and plan.n_shared > 0, FINAL=final, **common)
+    return out
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale,
@@ -248,17 +292,3 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale,
                               Hq // hkv, cascade)
     plan = upload_plan(packed, dims, q.device)
     return decode_with_plan(q, k_pool, v_pool, block_tables.to(torch.int32), plan, scale)
-
-
-def _merge(out, lse, rows, n_rows):
-    """Combine the partials of each query row by their softmax weights exp(lse - max lse).
-
-    Fixed shapes: unused row slots (-1) go to a spare row n_rows that is dropped at the end."""
-    idx = torch.where(rows >= 0, rows, n_rows).long()
-    top = torch.full((n_rows + 1,), float("-inf"), device=out.device).scatter_reduce(
-        0, idx, lse, "amax")
-    w = torch.exp(lse - top[idx])
-    num = torch.zeros(n_rows + 1, out.shape[-1], device=out.device).index_add_(
-        0, idx, out * w[:, None])
-    den = torch.zeros(n_rows + 1, device=out.device).index_add_(0, idx, w)
-    return num[:n_rows] / den[:n_rows, None]

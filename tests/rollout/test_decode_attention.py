@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -90,6 +92,8 @@ TRITON_CASES = [
     # branches forked from two parents (full shared blocks) plus one unrelated sequence
     ([40, 45, 52, 70, 37, 19], [None, (0, 32), (0, 32), None, (3, 32), None], 8, 2, 32, 16),
     ([17, 33, 35], [None, (0, 16), (1, 32)], 4, 4, 16, 16),
+    # two rows whose whole context is the shared prefix (no tokens of their own)
+    ([32, 32, 40], [None, (0, 32), (0, 32)], 4, 2, 16, 16),
 ]
 
 
@@ -123,6 +127,10 @@ def test_cascade_reads_each_shared_prefix_once():
     # members read their own blocks only from block 2 on; the others from block 0
     assert own_first.view(-1, Hkv)[:, 0].tolist() == [2, 2, 2, 2, 2, 0]
     assert own_ntok.view(-1, Hkv)[:, 0].tolist() == [8, 13, 20, 38, 5, 19]
+    # each member's query rows point at their slots in the shared pass; the others at none
+    slots = plan.slots.view(len(lengths), Hq)
+    assert (slots[[0, 1, 2, 3, 4]] >= 0).all() and (slots[5] == -1).all()
+    assert len(set(slots[slots >= 0].tolist())) == 5 * Hq
     read_blocks = ntok.sum() + own_ntok.sum()
     assert read_blocks < sum(lengths) * Hkv
 
@@ -150,3 +158,60 @@ def test_fixed_capacity_plan_matches_plain_attention(dtype, tol):
     torch.testing.assert_close(out[:B].double(), plain_attention(q[:B], ks, vs, D ** -0.5),
                                atol=tol, rtol=tol)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_covers_each_row_exactly_once(seed):
+    """Random fork trees in a real paged cache: for every query row, the shared item it points
+    to (if any) plus its own item read exactly the row's context, block by block, and no item
+    mixes rows of different kv heads."""
+    import random
+
+    from malt_fast.kernels.decode_attention import build_plan, upload_plan
+    from malt_fast.model.llama import LlamaConfig
+    from malt_fast.rollout.paged_cache import PagedKVCache
+
+    rng = random.Random(seed)
+    bs, hkv, group = 4, 2, 3
+    cfg = LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=hkv * group, num_key_value_heads=hkv)
+    cache = PagedKVCache(cfg, 400, bs)
+    seqs = []
+    for _ in range(rng.randint(2, 6)):
+        root = cache.new_sequence()
+        cache.reserve(root, n := rng.randint(1, 30))
+        cache.seqs[root].length = n
+        family = [root]
+        for _ in range(rng.randint(1, 3)):  # forks of forks, each extended a little
+            child = cache.fork(rng.choice(family), 1)[0]
+            cache.reserve(child, n := rng.randint(0, 9))
+            cache.seqs[child].length += n
+            family.append(child)
+        seqs += family
+    seqs = [s for s in seqs if cache.length(s) > 0]
+    rng.shuffle(seqs)
+    tables = cache._tables(seqs, max(len(cache.seqs[s].blocks) for s in seqs))
+    lens = np.array([cache.length(s) for s in seqs])
+    plan = upload_plan(*build_plan(tables, lens, bs, hkv, group), "cpu")
+    rows_s, heads_s, seqs_s, first_s, ntok_s = (x.numpy() for x in plan.shared)
+    rows_o, heads_o, seqs_o, first_o, ntok_o = (x.numpy() for x in plan.own)
+    slots = plan.slots.numpy()
+    assert plan.n_shared > 0  # these seeds give trees with shared blocks
+    seen = np.zeros(len(seqs) * hkv * group, int)
+    for i, rows in enumerate(rows_o):
+        for r in rows[rows >= 0]:
+            seen[r] += 1
+            b, h = divmod(r // group, hkv)
+            assert heads_o[i] == h and seqs_o[i] == b
+            read, shared_tokens = [], 0
+            if slots[r] >= 0:
+                j, col = divmod(slots[r], plan.q_shared)
+                assert rows_s[j, col] == r and heads_s[j] == h and first_s[j] == 0
+                shared_tokens = ntok_s[j]
+                assert shared_tokens % bs == 0  # only whole blocks are shared
+                read += list(tables[seqs_s[j], : shared_tokens // bs])
+            assert first_o[i] * bs == shared_tokens
+            assert shared_tokens + ntok_o[i] == lens[b]
+            read += list(tables[b, first_o[i]: first_o[i] + -(-ntok_o[i] // bs)])
+            assert read == list(tables[b, : -(-lens[b] // bs)])
+    assert (seen == 1).all()
