@@ -150,7 +150,8 @@ def run_engine(model, tok, questions, args, reuse, per_token, graphs=True) -> di
                         seed=args.seed)
     return dict(prefill_tokens=st["prefill_tokens"], generated_tokens=st["generated_tokens"],
                 peak_kv_bytes=st["peak_cache_blocks"] * eng.cache.block_size * per_token,
-                wall_s=st["wall_s"], decode_steps=st["decode_steps"])
+                wall_s=st["wall_s"], decode_steps=st["decode_steps"],
+                prefill_calls=st["prefill_calls"], prefill_s=st["prefill_s"])
 
 
 def warm_up(model, tok):

@@ -131,6 +131,7 @@ class Engine:
         """Serve the requests (and any a callback submits) to completion; returns the stats."""
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
+        self._prefill_floor_s = self._decode_s_since_admit = 0.0
         t0 = time.perf_counter()
         total = sum(r.n * r.max_new_tokens for r in requests)
         with torch.inference_mode(), tqdm(total=total, unit="tok", disable=not self.progress,
@@ -140,9 +141,12 @@ class Engine:
             groups: dict[int, _Group] = {}
             while self._waiting or active:
                 # a branch's first token (sampled at prefill) may already end it
-                active = self._retire(active + self._admit(active, groups), groups)
+                if not active or self._admission_due():
+                    active = self._retire(active + self._admit(active, groups), groups)
                 if active:
+                    t = time.perf_counter()
                     self._decode_step(active)
+                    self._decode_s_since_admit += time.perf_counter() - t
                     active = self._retire(active, groups)
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
@@ -166,8 +170,8 @@ class Engine:
 
     @staticmethod
     def _zero_stats() -> dict:
-        return dict(prefill_tokens=0, generated_tokens=0, decode_steps=0, wall_s=0.0,
-                    tokens_per_s=0.0, peak_cache_blocks=0)
+        return dict(prefill_tokens=0, generated_tokens=0, decode_steps=0, prefill_calls=0,
+                    prefill_s=0.0, wall_s=0.0, tokens_per_s=0.0, peak_cache_blocks=0)
 
     def _worst_blocks(self, req: Request) -> int:
         """Blocks a request may still take: its prefill, then every branch's full budget
@@ -180,6 +184,16 @@ class Engine:
     def _branch_reserve(self, b: _Branch) -> int:
         left = b.request.max_new_tokens - len(b.tokens)
         return self.cache.blocks_for(left) + 1
+
+    def _admission_due(self) -> bool:
+        """Admit waiting work once the decode time since the last prefill has caught up with
+        the fastest prefill call so far (its fixed cost), so that cost stays under half the wall.
+
+        A prefill forward is one eager call whatever its size: on a GPU its launch overhead is
+        several replayed decode steps, so admitting every few steps batches the requests that
+        arrived meanwhile into one call; on a CPU a small prefill costs about a decode step and
+        work is admitted at (nearly) every step."""
+        return bool(self._waiting) and self._decode_s_since_admit >= self._prefill_floor_s
 
     def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
         """Start waiting requests that fit in the free slots, blocks and prefill budget."""
@@ -213,7 +227,15 @@ class Engine:
                                 f"by kept sequences, the next request needs up to "
                                 f"{self._worst_blocks(self._waiting[0])}")
             return []
-        return self._prefill(chosen, groups)
+        t = time.perf_counter()
+        branches = self._prefill(chosen, groups)
+        took = time.perf_counter() - t
+        self._prefill_floor_s = took if not self.stats["prefill_calls"] \
+            else min(self._prefill_floor_s, took)
+        self._decode_s_since_admit = 0.0
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_s"] += took
+        return branches
 
     def _prefill_len(self, req: Request) -> int:
         if req.parent is not None and self.prefix_reuse:
