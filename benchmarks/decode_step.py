@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from rollout import _version  # benchmarks/rollout.py
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -209,15 +210,6 @@ def main(argv=None) -> int:
     for r in rows:
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     return 0
-
-
-def _version(pkg: str) -> str:
-    try:
-        import importlib.metadata as md
-
-        return md.version(pkg)
-    except Exception:  # reported, never fatal
-        return "?"
 
 
 if __name__ == "__main__":

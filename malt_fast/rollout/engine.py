@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from malt_fast.errors import MaltError
 from malt_fast.rollout.cuda_graphs import DecodeGraphs
 from malt_fast.rollout.paged_cache import CacheFull, PagedKVCache
-from malt_fast.rollout.sampling import SamplingParams, branch_generator, sample
+from malt_fast.rollout.sampling import BranchRandom, SamplingParams, branch_generator, sample
 
 
 @dataclass
@@ -54,7 +54,7 @@ class _Branch:
     request: Request
     index: int
     seq: int
-    generator: torch.Generator
+    random: BranchRandom
     tokens: list[int] = field(default_factory=list)
     result: Completion | None = None
     unchanged: int | None = None  # leading sampled tokens a stop-string cut left as they were
@@ -278,9 +278,10 @@ class Engine:
                 group.branches[j] = b
                 branches.append(b)
             first = sample(logits[None].expand(len(idx), -1), [req.params] * len(idx),
-                           [group.branches[j].generator for j in idx])
+                           [group.branches[j].random for j in idx])
             for j, tok in zip(idx, first.tolist()):
                 self._append(group.branches[j], tok)
+            self._bar.update(len(idx))
         return branches
 
     def _forward(self, seqs: list[int], tokens: list[list[int]]) -> torch.Tensor:
@@ -304,14 +305,14 @@ class Engine:
         else:
             logits = self._forward(seqs, [[t] for t in last])
         self.stats["decode_steps"] += 1
-        toks = sample(logits, [b.request.params for b in active], [b.generator for b in active])
+        toks = sample(logits, [b.request.params for b in active], [b.random for b in active])
         for b, tok in zip(active, toks.tolist()):
             self._append(b, tok)
+        self._bar.update(len(active))
 
     def _append(self, b: _Branch, tok: int) -> None:
         b.tokens.append(tok)
         self.stats["generated_tokens"] += 1
-        self._bar.update(1)
         req = b.request
         if tok in self.eos:
             b.result = Completion(list(b.tokens), "eos")

@@ -172,6 +172,9 @@ class PagedKVCache:
     def reserve(self, sid: int, n_new: int) -> None:
         """Make room to write n_new more tokens, copying a shared partial tail block first."""
         seq = self.seqs[sid]
+        if seq.length % self.block_size and seq.length + n_new <= len(seq.blocks) * \
+                self.block_size and self.refcount[seq.blocks[-1]] == 1:
+            return  # most decode steps: room left in an unshared last block
         if self.blocks_needed(sid, n_new) > len(self.free):
             raise CacheFull(f"KV cache full: writing {n_new} tokens needs "
                             f"{self.blocks_needed(sid, n_new)} free blocks, {len(self.free)} of "
@@ -221,7 +224,7 @@ class PagedKVCache:
 
     def fits_static(self, seq_ids: list[int]) -> bool:
         """Whether one more token of each sequence fits the fixed decode block tables."""
-        return all(self.blocks_for(self.seqs[s].length + 1) <= self.static_width for s in seq_ids)
+        return self.blocks_for(max(self.seqs[s].length for s in seq_ids) + 1) <= self.static_width
 
     def begin_static_decode(self, seq_ids: list[int], bucket: int) -> dict:
         """`begin(seq_ids, [1] * B)` into fixed buffers of `bucket` >= B rows (Triton backend).

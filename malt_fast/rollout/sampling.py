@@ -30,12 +30,27 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def branch_generator(seed: int, *path: int) -> torch.Generator:
-    """A CPU generator for one branch, seeded from the call's seed and the branch's tree path."""
+class BranchRandom:
+    """One branch's uniforms: the values successive `torch.rand((), generator=g)` calls give,
+    drawn 64 at a time (a batch of 256 branches costs one Python call per branch per step, not
+    one torch call)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+        self._buffer: list[float] = []
+
+    def uniform(self) -> float:
+        if not self._buffer:
+            self._buffer = torch.rand(64, generator=self.generator).tolist()[::-1]
+        return self._buffer.pop()
+
+
+def branch_generator(seed: int, *path: int) -> BranchRandom:
+    """The random stream of one branch, seeded from the call's seed and the branch's tree path."""
     h = seed & 0xFFFFFFFFFFFF
     for p in path:  # a simple mixing of the path so that sibling branches differ
         h = (h * 1_000_003 + p + 1) & 0xFFFFFFFFFFFF
-    return torch.Generator().manual_seed(h)
+    return BranchRandom(torch.Generator().manual_seed(h))
 
 
 def filter_probs(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -54,23 +69,28 @@ def filter_probs(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) 
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of logits [B, V] (any float dtype); returns int64 [B]."""
+           streams: list[BranchRandom]) -> torch.Tensor:
+    """One token per row of logits [B, V] (any float dtype); returns int64 [B] on the CPU."""
     logits = logits.float()
-    greedy = torch.tensor([p.greedy for p in params])
-    out = logits.argmax(-1).cpu()
-    if bool(greedy.all()):
-        return out
-    rows = (~greedy).nonzero().flatten()
-    sub = [params[i] for i in rows.tolist()]
-    temp = torch.tensor([p.temperature for p in sub], device=logits.device)
-    probs = torch.softmax(logits[rows.to(logits.device)] / temp[:, None], dim=-1)
-    probs = filter_probs(probs, torch.tensor([p.top_p for p in sub], device=logits.device),
-                         torch.tensor([p.top_k for p in sub], device=logits.device))
+    greedy = [p.greedy for p in params]
+    if all(greedy):
+        return logits.argmax(-1).cpu()
+    dev = logits.device
+    rows = [i for i, g in enumerate(greedy) if not g]
+    sub = [params[i] for i in rows]
+    rows_t = torch.tensor(rows, device=dev)
+    temp = torch.tensor([p.temperature for p in sub], device=dev)
+    picked_logits = logits if len(rows) == len(params) else logits[rows_t]
+    probs = torch.softmax(picked_logits / temp[:, None], dim=-1)
+    if any(p.top_k > 0 or p.top_p < 1 for p in sub):  # decided on the host: no device sync
+        probs = filter_probs(probs, torch.tensor([p.top_p for p in sub], device=dev),
+                             torch.tensor([p.top_k for p in sub], device=dev))
     # inverse-CDF draw: one uniform per row from that row's own generator
-    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows.tolist()])
+    u = torch.tensor([streams[i].uniform() for i in rows], dtype=torch.float32)
     cdf = probs.cumsum(-1)
-    target = (u.to(logits.device) * cdf[:, -1])[:, None]
+    target = (u.to(dev) * cdf[:, -1])[:, None]
     picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
-    out[rows] = picked[:, 0].cpu()
-    return out
+    out = logits.argmax(-1) if len(rows) < len(params) \
+        else torch.empty(len(params), dtype=torch.int64, device=dev)
+    out[rows_t] = picked[:, 0]
+    return out.cpu()

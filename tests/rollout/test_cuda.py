@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_decode_attention import TRITON_CASES, build_paged, plain_attention
+from test_engine import PROMPTS, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,21 +40,7 @@ def test_triton_kernel_on_gpu(cascade, dtype, tol, case):
 
 @pytest.fixture(scope="module")
 def tiny_cuda(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from malt_fast.model.checkpoint import load_model
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=3, bos_token_id=1, initializer_range=0.3)
-    hf = LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny")
-    hf.save_pretrained(path)
-    return hf.cuda(), load_model(path, torch.float32, "cuda")
-
-
-PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 17, list(range(50, 55)), [200]]
+    return tiny_llama(tmp_path_factory, "cuda")
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from malt_fast.rollout import CacheFull, Engine
-from malt_fast.rollout.sampling import SamplingParams, sample
+from malt_fast.rollout.sampling import BranchRandom, SamplingParams, sample
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 17, list(range(50, 55)), [200]]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny Llama (GQA, 3 layers) saved by transformers and loaded by us."""
+def tiny_llama(tmp_path_factory, device="cpu"):
+    """A random tiny Llama (GQA, 3 layers, EOS 3) saved by transformers: (theirs, ours)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from malt_fast.model.checkpoint import load_model
@@ -23,7 +22,12 @@ def tiny(tmp_path_factory):
     hf = LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny")
     hf.save_pretrained(path)
-    return hf, load_model(path, torch.float32, "cpu")
+    return hf.to(device), load_model(path, torch.float32, device)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llama(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def test_sampling_follows_filtered_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     rows = 6000
     logits = probs.log().expand(rows, -1)
-    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    gens = [BranchRandom(torch.Generator().manual_seed(i)) for i in range(rows)]
     for params, expected in [(SamplingParams(1.0), probs),
                              (SamplingParams(1.0, top_p=0.7), torch.tensor([0.625, .375, 0, 0])),
                              (SamplingParams(1.0, top_k=3), torch.tensor([.5, .3, .15, 0]) / .95),
@@ -175,3 +179,13 @@ def test_one_token_budget_and_first_token_eos(tiny):
     eng_eos = Engine(ours, None, block_size=4, progress=False, eos_token_ids=first)
     assert eng_eos.generate(PROMPTS, n=2, max_new_tokens=5) == [[[t], [t]] for t in first]
     assert eng_eos.cache.used_blocks == 0
+
+
+def test_branch_stream_is_the_generators_sequence():
+    """Uniforms drawn 64 at a time are exactly those of one torch.rand call per draw."""
+    from malt_fast.rollout.sampling import branch_generator
+
+    stream, twin = branch_generator(5, 1, 2), branch_generator(5, 1, 2)
+    one_by_one = [torch.rand((), generator=twin.generator).item() for _ in range(150)]
+    assert [stream.uniform() for _ in range(150)] == one_by_one
+    assert branch_generator(5, 1, 3).uniform() != one_by_one[0]
