@@ -83,7 +83,8 @@ class PagedKVCache:
         self.decode_attention = DECODE_BACKENDS[decode_backend]
         self.block_size, self.num_blocks = block_size, num_blocks
         self.n_layers = cfg.num_hidden_layers
-        self.n_kv, self.group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.scale = cfg.head_dim ** -0.5
         self.scratch = num_blocks
         # block-table width of fixed-shape decode steps: the longest sequence the model takes
