@@ -111,9 +111,13 @@ def _attention_items_kernel(
 # ---------------------------------------------------------------- the plan
 
 
+def branches_per_shared_item(group: int) -> int:
+    return max(1, MAX_SHARED_ROWS // group)
+
+
 def item_rows(hkv: int, group: int) -> tuple[int, int]:
     """Row slots of a shared-prefix item and of an own item (powers of two, >= 16 for tl.dot)."""
-    per_item = max(1, MAX_SHARED_ROWS // group) * group
+    per_item = branches_per_shared_item(group) * group
     return max(16, triton.next_power_of_2(per_item)), max(16, triton.next_power_of_2(group))
 
 
@@ -183,8 +187,7 @@ def plan_size(n_shared: int, n_own: int, q_shared: int, q_own: int, n_rows: int)
 
 def capacity_items(batch: int, hkv: int, group: int) -> tuple[int, int]:
     """Most shared and own items `batch` sequences can need (a group has >= 2 members)."""
-    per_chunk = max(1, MAX_SHARED_ROWS // group)
-    chunks = batch // 2 if per_chunk >= 2 else batch
+    chunks = batch // 2 if branches_per_shared_item(group) >= 2 else batch
     return max(1, chunks) * hkv, batch * hkv
 
 
@@ -197,7 +200,7 @@ def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: i
     counts of that many sequences (fixed shapes for CUDA graphs)."""
     B = len(lens)
     q_shared, q_own = item_rows(hkv, group)
-    per_chunk = max(1, MAX_SHARED_ROWS // group)
+    per_chunk = branches_per_shared_item(group)
     start = np.zeros(B, np.int64)
     members, gid, n_blocks = (shared_prefixes(tables, lens, bs) if cascade
                               else (np.empty(0, np.int64),) * 3)
@@ -243,16 +246,9 @@ def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: i
     return out, dims
 
 
-def upload_plan(packed: np.ndarray, dims: tuple, device, into: torch.Tensor | None = None
-                ) -> DecodePlan:
-    """Copy a packed plan to the device (into a preallocated buffer when given)."""
-    host = torch.from_numpy(packed)
-    if into is None:
-        buf = host.to(device)
-    else:
-        buf = into[: host.numel()]
-        buf.copy_(host, non_blocking=True)
-    return DecodePlan(buf, *dims)
+def upload_plan(packed: np.ndarray, dims: tuple, device) -> DecodePlan:
+    """Copy a packed plan to the device."""
+    return DecodePlan(torch.from_numpy(packed).to(device), *dims)
 
 
 # ---------------------------------------------------------------- launch

@@ -240,11 +240,9 @@ class PagedKVCache:
         for sid in seq_ids:
             self.reserve(sid, 1)
         tables = np.full((bucket, W), self.scratch, np.int64)
+        tables[:B] = self._tables(seq_ids, W)
         starts = np.zeros(bucket, np.int64)
-        for i, s in enumerate(seq_ids):
-            blocks = self.seqs[s].blocks
-            tables[i, : len(blocks)] = blocks
-            starts[i] = self.seqs[s].length
+        starts[:B] = [self.seqs[s].length for s in seq_ids]
         lens = starts + 1
         slots = tables[np.arange(bucket), starts // bs] * bs + starts % bs
         packed, dims = build_plan(tables, lens, bs, self.n_kv, self.group, capacity=bucket)

@@ -142,30 +142,33 @@ def test_request_larger_than_cache_names_the_size(tiny):
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["fixed-shape", "eager"])
 def test_greedy_with_triton_cascade_backend(tiny, cuda_graphs):
     """The Triton kernel (interpreted on CPU) inside the engine: forked branches share blocks.
-    With cuda_graphs the steps run padded to a bucket (3 rows -> 4) through fixed buffers, the
+    With cuda_graphs the steps run padded to a bucket (6 rows -> 8) through fixed buffers, the
     path a CUDA graph replays; on CPU it runs eagerly."""
     hf, ours = tiny
     eng = Engine(ours, None, block_size=16, decode_backend="triton", progress=False,
-                 max_batch=5, cuda_graphs=cuda_graphs)
+                 max_batch=8, cuda_graphs=cuda_graphs)
     assert (eng.graphs is not None) == cuda_graphs
     out = eng.generate(PROMPTS[1:3] + PROMPTS[:1], n=2, max_new_tokens=8)
     for prompt, comps in zip(PROMPTS[1:3] + PROMPTS[:1], out):
         ref = hf_greedy(hf, prompt, 8, [3])
         assert comps == [ref, ref]
-    if cuda_graphs:
-        assert set(eng.cache._static) <= {1, 2, 4, 5} and eng.cache._static
+    if cuda_graphs:  # at most 6 branches ran at once: bucket 8 means padding rows were used
+        assert 8 in eng.cache._static
 
 
 def test_fixed_shape_sampling_equals_eager(tiny):
     """Sampled tokens from the fixed-shape steps equal the eager steps' (same seeds), with
-    branches forked at 16-token block boundaries so the cascade items are in play."""
+    branches forked at 16-token block boundaries so the cascade items are in play, and 6
+    branches padded to a step of 8 rows."""
     _, ours = tiny
     prompts = [list(range(10, 42)), list(range(60, 77))]
     runs = []
     for graphs in (True, False):
         eng = Engine(ours, None, block_size=16, decode_backend="triton", progress=False,
-                     max_batch=6, cuda_graphs=graphs)
+                     max_batch=8, cuda_graphs=graphs)
         runs.append(eng.generate(prompts, n=3, max_new_tokens=6, temperature=0.8, seed=4))
+        if graphs:
+            assert 8 in eng.cache._static
     assert runs[0] == runs[1]
 
 
