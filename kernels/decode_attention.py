@@ -192,12 +192,14 @@ def capacity_items(batch: int, hkv: int, group: int) -> tuple[int, int]:
 
 
 def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: int,
-               cascade: bool = True, capacity: int | None = None) -> tuple[np.ndarray, tuple]:
+               cascade: bool = True, capacity: int | None = None,
+               out: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
     """The packed int32 plan and its (n_shared, n_own, q_shared, q_own, n_rows).
 
     Every query row belongs to exactly one own item (which writes its output, even when the
     row has no tokens of its own) and to at most one shared item. capacity: pad to the item
-    counts of that many sequences (fixed shapes for CUDA graphs)."""
+    counts of that many sequences (fixed shapes for CUDA graphs). out: an int32 array to pack
+    into (a staging buffer) instead of a new one."""
     B = len(lens)
     q_shared, q_own = item_rows(hkv, group)
     per_chunk = branches_per_shared_item(group)
@@ -240,7 +242,8 @@ def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: i
     fields_o = np.zeros((4, n_own), np.int32)
     fields_o[:, : B * hkv] = (h, b, start[b], lens[b] - start[b] * bs)
     dims = (n_shared, n_own, q_shared, q_own, n_rows)
-    out = np.empty(plan_size(*dims), np.int32)
+    if out is None:
+        out = np.empty(plan_size(*dims), np.int32)
     np.concatenate([rows_s.ravel(), fields_s.ravel(), rows_o.ravel(), fields_o.ravel(), slots],
                    out=out)
     return out, dims

@@ -21,9 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from malt_fast.errors import MaltError
-from malt_fast.rollout.cuda_graphs import DecodeGraphs
+from malt_fast.rollout.cuda_graphs import DecodeGraphs, step_token_ids
 from malt_fast.rollout.paged_cache import CacheFull, PagedKVCache
-from malt_fast.rollout.sampling import BranchRandom, SamplingParams, branch_generator, sample
+from malt_fast.rollout.sampling import (BranchRandom, SamplingParams, branch_generator, row_inputs,
+                                        sample, sample_rows)
+
+
+# decode time between two prefill calls, in units of the fastest prefill call (see _admission_due)
+DECODE_PER_PREFILL = 4.0
 
 
 @dataclass
@@ -58,12 +63,34 @@ class _Branch:
     tokens: list[int] = field(default_factory=list)
     result: Completion | None = None
     unchanged: int | None = None  # leading sampled tokens a stop-string cut left as they were
+    row: int | None = None  # its row in the last launched decode step (None: not in one yet)
 
 
 @dataclass
 class _Group:
     request: Request
     branches: list[_Branch]
+
+
+class _Staging:
+    """Host side of one decode step's inputs and sampled tokens; pinned on CUDA, so copies
+    are truly asynchronous (a pageable copy may wait for the GPU to drain)."""
+
+    def __init__(self, max_batch: int, pin: bool):
+        self.ints = torch.zeros(3, max_batch, dtype=torch.int64)  # source row, token, top_k
+        self.floats = torch.zeros(3, max_batch, dtype=torch.float32)  # temperature, uniform, top_p
+        self.tokens = torch.zeros(max_batch, dtype=torch.int64)
+        if pin:
+            self.ints, self.floats = self.ints.pin_memory(), self.floats.pin_memory()
+            self.tokens = self.tokens.pin_memory()
+        self.done = torch.cuda.Event() if pin else None
+
+
+@dataclass
+class _Step:
+    """A launched decode step whose sampled tokens have not been read yet."""
+    branches: list[_Branch]
+    staging: _Staging
 
 
 class Engine:
@@ -86,9 +113,18 @@ class Engine:
         self.cache = PagedKVCache(model.config, -(-cache_tokens // block_size), block_size,
                                   dtype=p.dtype, device=p.device, decode_backend=decode_backend)
         # fixed-shape decode steps go with the Triton kernel's plan; captured only on CUDA
+        # decode-step inputs on the device: a row's token is the previous step's sample at its
+        # source row, or one the host gives (a branch's first token, sampled at prefill)
+        self._row_ints = torch.zeros(3, max_batch, dtype=torch.int64, device=p.device)
+        self._row_floats = torch.zeros(3, max_batch, dtype=torch.float32, device=p.device)
+        self._sampled = torch.zeros(max_batch, dtype=torch.int64, device=p.device)
+        # two stagings: one step's is filled while the other's step is still in flight
+        self._staging = [_Staging(max_batch, p.is_cuda) for _ in range(2)]
+        self._launches = 0
         self.graphs = None
         if cuda_graphs and self.cache.backend == "triton":
-            self.graphs = DecodeGraphs(model, self.cache, max_batch, capture=p.is_cuda)
+            self.graphs = DecodeGraphs(model, self.cache, max_batch, p.is_cuda, self._sampled,
+                                       self._row_ints)
         if eos_token_ids is None:
             eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
             eos_token_ids += [e for e in model.config.eos_token_ids if e not in eos_token_ids]
@@ -139,15 +175,20 @@ class Engine:
             self._bar = bar
             active: list[_Branch] = []
             groups: dict[int, _Group] = {}
-            while self._waiting or active:
-                # a branch's first token (sampled at prefill) may already end it
-                if not active or self._admission_due():
+            inflight: _Step | None = None
+            # step t is launched before step t-1's tokens are read, so the host's bookkeeping
+            # overlaps the device's work; a branch that step t-1 ends runs one wasted row in t
+            while self._waiting or active or inflight is not None:
+                if self._waiting and (not active or self._admission_due()):
+                    # a branch's first token (sampled at prefill) may already end it
                     active = self._retire(active + self._admit(active, groups), groups)
-                if active:
-                    t = time.perf_counter()
-                    self._decode_step(active)
-                    self._decode_s_since_admit += time.perf_counter() - t
+                t = time.perf_counter()
+                launched = self._launch(active) if active else None
+                if inflight is not None:
+                    self._collect(inflight)
                     active = self._retire(active, groups)
+                inflight = launched
+                self._decode_s_since_admit += time.perf_counter() - t
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
         self.stats["peak_cache_blocks"] = self.cache.peak_used
@@ -186,14 +227,16 @@ class Engine:
         return self.cache.blocks_for(left) + 1
 
     def _admission_due(self) -> bool:
-        """Admit waiting work once the decode time since the last prefill has caught up with
-        the fastest prefill call so far (its fixed cost), so that cost stays under half the wall.
+        """Admit waiting work once the decode time since the last prefill is DECODE_PER_PREFILL
+        times the fastest prefill call so far (its fixed cost): while work keeps arriving, those
+        fixed costs stay under 1 / (1 + DECODE_PER_PREFILL) of the wall.
 
         A prefill forward is one eager call whatever its size: on a GPU its launch overhead is
         several replayed decode steps, so admitting every few steps batches the requests that
-        arrived meanwhile into one call; on a CPU a small prefill costs about a decode step and
-        work is admitted at (nearly) every step."""
-        return bool(self._waiting) and self._decode_s_since_admit >= self._prefill_floor_s
+        arrived meanwhile into one call. The wait delays a child request by a few steps; over a
+        G->V->R tree that is a few steps per level. On a CPU a small prefill costs about a
+        decode step and work is admitted every step or two."""
+        return self._decode_s_since_admit >= DECODE_PER_PREFILL * self._prefill_floor_s
 
     def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
         """Start waiting requests that fit in the free slots, blocks and prefill budget."""
@@ -298,17 +341,48 @@ class Engine:
         h_last = h[torch.arange(len(seqs), device=device), last]
         return self.model.lm_head(h_last)
 
-    def _decode_step(self, active: list[_Branch]) -> None:
-        seqs, last = [b.seq for b in active], [b.tokens[-1] for b in active]
+    def _launch(self, active: list[_Branch]) -> _Step:
+        """Queue one decode step of every active branch and the copy of its samples to the host."""
+        B = len(active)
+        stage = self._staging[self._launches % 2]
+        self._launches += 1
+        ints, floats = stage.ints.numpy(), stage.floats.numpy()
+        ints[0] = -1  # padding rows past B read token 0
+        ints[1] = 0
+        ints[0, :B] = [-1 if b.row is None else b.row for b in active]
+        ints[1, :B] = [b.tokens[-1] if b.row is None else 0 for b in active]
+        mode = row_inputs([b.request.params for b in active], [b.random for b in active],
+                          floats, ints[2])
+        self._row_ints.copy_(stage.ints, non_blocking=True)
+        self._row_floats.copy_(stage.floats, non_blocking=True)
+        seqs = [b.seq for b in active]
         if self.graphs is not None and self.graphs.usable(seqs):
-            logits = self.graphs.logits(seqs, last)
+            logits = self.graphs.logits(seqs)
         else:
-            logits = self._forward(seqs, [[t] for t in last])
+            positions = self.cache.begin(seqs, [1] * B)
+            ids = step_token_ids(self._sampled, self._row_ints, B)
+            logits = self.model.lm_head(self.model.hidden_states(ids, positions,
+                                                                 cache=self.cache)[:, -1])
+        toks = sample_rows(logits, self._row_floats, self._row_ints[2], mode)
+        self._sampled[:B].copy_(toks)
+        stage.tokens[:B].copy_(toks, non_blocking=True)
+        if stage.done is not None:
+            stage.done.record()
+        for i, b in enumerate(active):
+            b.row = i
         self.stats["decode_steps"] += 1
-        toks = sample(logits, [b.request.params for b in active], [b.random for b in active])
-        for b, tok in zip(active, toks.tolist()):
-            self._append(b, tok)
-        self._bar.update(len(active))
+        return _Step(list(active), stage)
+
+    def _collect(self, step: _Step) -> None:
+        """Append a launched step's tokens to its branches (not to those already ended)."""
+        if step.staging.done is not None:
+            step.staging.done.synchronize()
+        live = 0
+        for b, tok in zip(step.branches, step.staging.tokens[:len(step.branches)].tolist()):
+            if b.result is None:
+                self._append(b, tok)
+                live += 1
+        self._bar.update(live)
 
     def _append(self, b: _Branch, tok: int) -> None:
         b.tokens.append(tok)

@@ -231,38 +231,67 @@ class PagedKVCache:
         """`begin(seq_ids, [1] * B)` into fixed buffers of `bucket` >= B rows (Triton backend).
 
         Rows past B are padding: position 0 of the scratch block. Every call for one bucket
-        returns the same tensors, refilled, which is what a captured CUDA graph reads."""
-        from malt_fast.kernels.decode_attention import DecodePlan, build_plan, plan_size
+        returns the same tensors, refilled, which is what a captured CUDA graph reads. The host
+        side is staged in two alternating pinned buffers (on CUDA), so filling the next step's
+        inputs never waits for the step in flight."""
+        from malt_fast.kernels.decode_attention import build_plan
 
         B, W, bs = len(seq_ids), self.static_width, self.block_size
         if B > bucket:
             raise ValueError(f"{B} sequences in a decode step of {bucket} rows")
         for sid in seq_ids:
             self.reserve(sid, 1)
-        tables = np.full((bucket, W), self.scratch, np.int64)
-        tables[:B] = self._tables(seq_ids, W)
-        starts = np.zeros(bucket, np.int64)
-        starts[:B] = [self.seqs[s].length for s in seq_ids]
-        lens = starts + 1
-        slots = tables[np.arange(bucket), starts // bs] * bs + starts % bs
-        packed, dims = build_plan(tables, lens, bs, self.n_kv, self.group, capacity=bucket)
-        st = self._static.get(bucket)
-        if st is None:
-            dev = self.k.device
-            i64 = torch.zeros(2 * bucket, dtype=torch.int64, device=dev)
-            i32 = torch.zeros(bucket * W + bucket + plan_size(*dims), dtype=torch.int32,
-                              device=dev)
-            st = self._static[bucket] = dict(
-                T=1, i64=i64, i32=i32, positions=i64[:bucket].view(bucket, 1),
-                slots=i64[bucket:], tables32=i32[: bucket * W].view(bucket, W),
-                ctx_lens32=i32[bucket * W: bucket * W + bucket],
-                plan=DecodePlan(i32[bucket * W + bucket:], *dims))
-        st["i64"].copy_(torch.from_numpy(np.concatenate([starts, slots])), non_blocking=True)
-        st["i32"].copy_(torch.from_numpy(
-            np.concatenate([tables.ravel(), lens, packed]).astype(np.int32)), non_blocking=True)
-        for sid in seq_ids:
-            self.seqs[sid].length += 1
+        st = self._static.get(bucket) or self._new_static(bucket)
+        stage = st["stages"][st["turn"]]
+        st["turn"] ^= 1
+        if stage["copied"] is not None:
+            stage["copied"].synchronize()
+        i64, i32 = stage["i64"].numpy(), stage["i32"].numpy()
+        starts, slots = i64[:bucket], i64[bucket:]
+        tables = i32[: bucket * W].reshape(bucket, W)
+        lens = i32[bucket * W: bucket * W + bucket]
+        tables.fill(self.scratch)
+        starts.fill(0)
+        for i, sid in enumerate(seq_ids):
+            seq = self.seqs[sid]
+            tables[i, : len(seq.blocks)] = seq.blocks
+            starts[i] = seq.length
+            seq.length += 1
+        np.add(starts, 1, out=lens, casting="unsafe")
+        slots[:] = tables[np.arange(bucket), starts // bs] * bs + starts % bs
+        build_plan(tables, lens, bs, self.n_kv, self.group, capacity=bucket,
+                   out=i32[bucket * W + bucket:])
+        st["i64"].copy_(stage["i64"], non_blocking=True)
+        st["i32"].copy_(stage["i32"], non_blocking=True)
+        if stage["copied"] is not None:
+            stage["copied"].record()
         self._step = st
+        return st
+
+    def _new_static(self, bucket: int) -> dict:
+        """Device buffers of a bucket's fixed-shape decode step and their two host stagings."""
+        from malt_fast.kernels.decode_attention import DecodePlan, capacity_items, item_rows, \
+            plan_size
+
+        W, dev = self.static_width, self.k.device
+        dims = (*capacity_items(bucket, self.n_kv, self.group), *item_rows(self.n_kv, self.group))
+        dims += (dims[1] * self.group,)
+        n32 = bucket * W + bucket + plan_size(*dims)
+        i64 = torch.zeros(2 * bucket, dtype=torch.int64, device=dev)
+        i32 = torch.zeros(n32, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+
+        def host(n, dtype):
+            t = torch.zeros(n, dtype=dtype)
+            return t.pin_memory() if pin else t
+
+        stages = [dict(i64=host(2 * bucket, torch.int64), i32=host(n32, torch.int32),
+                       copied=torch.cuda.Event() if pin else None) for _ in range(2)]
+        st = self._static[bucket] = dict(
+            T=1, i64=i64, i32=i32, positions=i64[:bucket].view(bucket, 1),
+            slots=i64[bucket:], tables32=i32[: bucket * W].view(bucket, W),
+            ctx_lens32=i32[bucket * W: bucket * W + bucket],
+            plan=DecodePlan(i32[bucket * W + bucket:], *dims), stages=stages, turn=0)
         return st
 
     def _tables(self, seq_ids: list[int], width: int) -> np.ndarray:

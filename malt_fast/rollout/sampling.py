@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -54,43 +55,65 @@ def branch_generator(seed: int, *path: int) -> BranchRandom:
 
 
 def filter_probs(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Zero the probabilities outside each row's top-k and top-p (nucleus) sets; probs [B, V]."""
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k, probs.shape[-1]).clamp(max=probs.shape[-1])
-        kth = probs.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if bool((top_p < 1).any()):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
-        keep_sorted = before < top_p[:, None] * sorted_p.sum(-1, keepdim=True)
-        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
-    return probs
+    """Zero the probabilities outside each row's top-k and top-p (nucleus) sets; probs [B, V].
+
+    top_k 0 and top_p 1 keep a row whole; both filters run on every row, so no device sync
+    decides which rows need them."""
+    V = probs.shape[-1]
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    kth = probs.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    probs = torch.where(probs >= kth, probs, 0.0)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+    keep_sorted = (before < top_p[:, None] * sorted_p.sum(-1, keepdim=True)) | (top_p[:, None] >= 1)
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return torch.where(keep, probs, 0.0)
+
+
+def row_inputs(params: list[SamplingParams], streams: list[BranchRandom], floats: np.ndarray,
+               top_k: np.ndarray) -> str:
+    """Write one step's per-row inputs into host arrays: floats [3, >=B] (temperature, uniform,
+    top_p) and top_k [>=B]; returns the step's mode for `sample_rows`.
+
+    Greedy rows draw no uniform, so a branch's stream advances only when it samples."""
+    B = len(params)
+    greedy = [p.greedy for p in params]
+    if all(greedy):
+        return "greedy"
+    floats[0, :B] = [p.temperature for p in params]
+    floats[1, :B] = [0.0 if g else s.uniform() for g, s in zip(greedy, streams)]
+    if not any(p.top_k > 0 or p.top_p < 1 for p in params):  # decided on the host: no sync
+        return "sample"
+    floats[2, :B] = [p.top_p for p in params]
+    top_k[:B] = [p.top_k for p in params]
+    return "filter"
+
+
+def sample_rows(logits: torch.Tensor, floats: torch.Tensor, top_k: torch.Tensor,
+                mode: str) -> torch.Tensor:
+    """One token per row of logits [B, V] (any float dtype) from `row_inputs`' arrays on the
+    logits' device; returns int64 [B] on that device, without a device sync."""
+    logits = logits.float()
+    best = logits.argmax(-1)
+    if mode == "greedy":
+        return best
+    B = logits.shape[0]
+    temp, u = floats[0, :B], floats[1, :B]
+    probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0)[:, None], dim=-1)
+    if mode == "filter":
+        probs = filter_probs(probs, floats[2, :B], top_k[:B])
+    # inverse-CDF draw: one uniform per row from that row's own generator
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.where(temp > 0, picked.clamp(max=probs.shape[-1] - 1), best)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            streams: list[BranchRandom]) -> torch.Tensor:
-    """One token per row of logits [B, V] (any float dtype); returns int64 [B] on the CPU."""
-    logits = logits.float()
-    greedy = [p.greedy for p in params]
-    if all(greedy):
-        return logits.argmax(-1).cpu()
+    """`sample_rows` with inputs built here (a pageable copy: for occasional calls)."""
+    B = len(params)
+    floats, top_k = np.zeros((3, B), np.float32), np.zeros(B, np.int64)
+    mode = row_inputs(params, streams, floats, top_k)
     dev = logits.device
-    rows = [i for i, g in enumerate(greedy) if not g]
-    sub = [params[i] for i in rows]
-    rows_t = torch.tensor(rows, device=dev)
-    temp = torch.tensor([p.temperature for p in sub], device=dev)
-    picked_logits = logits if len(rows) == len(params) else logits[rows_t]
-    probs = torch.softmax(picked_logits / temp[:, None], dim=-1)
-    if any(p.top_k > 0 or p.top_p < 1 for p in sub):  # decided on the host: no device sync
-        probs = filter_probs(probs, torch.tensor([p.top_p for p in sub], device=dev),
-                             torch.tensor([p.top_k for p in sub], device=dev))
-    # inverse-CDF draw: one uniform per row from that row's own generator
-    u = torch.tensor([streams[i].uniform() for i in rows], dtype=torch.float32)
-    cdf = probs.cumsum(-1)
-    target = (u.to(dev) * cdf[:, -1])[:, None]
-    picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
-    out = logits.argmax(-1) if len(rows) < len(params) \
-        else torch.empty(len(params), dtype=torch.int64, device=dev)
-    out[rows_t] = picked[:, 0]
-    return out.cpu()
+    return sample_rows(logits, torch.from_numpy(floats).to(dev), torch.from_numpy(top_k).to(dev),
+                       mode)

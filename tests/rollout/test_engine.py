@@ -192,3 +192,24 @@ def test_branch_stream_is_the_generators_sequence():
     one_by_one = [torch.rand((), generator=twin.generator).item() for _ in range(150)]
     assert [stream.uniform() for _ in range(150)] == one_by_one
     assert branch_generator(5, 1, 3).uniform() != one_by_one[0]
+
+
+def test_mixed_greedy_and_sampled_rows_in_one_batch():
+    """A step mixes requests: temperature-0 rows take the argmax and draw no uniform, the
+    others sample (here under top-k 1, so also the argmax) or follow their own stream."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(0.0), SamplingParams(1.0, top_k=1), SamplingParams(0.0),
+              SamplingParams(0.7), SamplingParams(1.0, top_p=0.5), SamplingParams(0.0)]
+    streams = [BranchRandom(torch.Generator().manual_seed(i)) for i in range(6)]
+    picks = sample(logits, params, streams)
+    best = logits.argmax(-1)
+    assert picks[[0, 1, 2, 5]].tolist() == best[[0, 1, 2, 5]].tolist()
+    # greedy rows left their streams untouched; sampling rows drew exactly one uniform
+    fresh = [BranchRandom(torch.Generator().manual_seed(i)) for i in range(6)]
+    assert streams[0].uniform() == fresh[0].uniform()
+    fresh[3].uniform()
+    assert streams[3].uniform() == fresh[3].uniform()
+    # row 3 alone, sampled the same way, gives the same token
+    alone = sample(logits[3:4], [params[3]], [BranchRandom(torch.Generator().manual_seed(3))])
+    assert alone.tolist() == picks[3:4].tolist()
