@@ -19,6 +19,21 @@ try:  # optional backend, used only for CUDA half-precision causal attention
 except ImportError:  # the common case: SDPA
     flash_attn_func = None
 
+_layer_ops = None
+
+
+def fused_ops(x: torch.Tensor):
+    """The fused Triton RMSNorm/RoPE/SiLU-mul kernels when they serve x: CUDA inference only
+    (they have no backward; training and CPU use the torch ops below). Else None."""
+    global _layer_ops
+    if not x.is_cuda or torch.is_grad_enabled():
+        return None
+    if _layer_ops is None:
+        from malt_fast.kernels import layer_ops
+
+        _layer_ops = layer_ops
+    return _layer_ops
+
 
 @dataclass
 class LlamaConfig:
@@ -136,6 +151,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := fused_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         # normalise in fp32 so bf16/fp16 activations do not lose the variance
         xf = x.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -174,7 +191,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = apply_rope if (ops := fused_ops(x)) is None else ops.apply_rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
         else:
@@ -191,6 +209,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
+        if (ops := fused_ops(x)) is not None:
+            return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

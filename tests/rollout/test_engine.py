@@ -213,3 +213,32 @@ def test_mixed_greedy_and_sampled_rows_in_one_batch():
     # row 3 alone, sampled the same way, gives the same token
     alone = sample(logits[3:4], [params[3]], [BranchRandom(torch.Generator().manual_seed(3))])
     assert alone.tolist() == picks[3:4].tolist()
+
+
+def test_greedy_with_fused_layer_ops(tiny, monkeypatch):
+    """The fused RMSNorm/RoPE/SiLU-mul kernels the model uses on CUDA (interpreted here) keep
+    the engine's greedy output equal to transformers', prefill and decode; training (grad
+    enabled) keeps the torch ops."""
+    from malt_fast.kernels import layer_ops
+    from malt_fast.model import llama
+
+    hf, ours = tiny
+    used = []
+
+    def fused(x):
+        used.append(not torch.is_grad_enabled())
+        return layer_ops if used[-1] else None
+
+    monkeypatch.setattr(llama, "fused_ops", fused)
+    eng = Engine(ours, None, block_size=4, progress=False)
+    out = eng.generate(PROMPTS[:3], n=2, max_new_tokens=10)
+    for prompt, comps in zip(PROMPTS[:3], out):
+        ref = hf_greedy(hf, prompt, 10, [3])
+        assert comps == [ref, ref]
+    assert used and all(used)
+    ids = torch.tensor([PROMPTS[1]])
+    logits = ours(ids)
+    assert not used[-1] and logits.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), logits.detach(), rtol=1e-4, atol=1e-4)
+    assert used[-1]
