@@ -10,17 +10,20 @@
 // With `shared` (the default) such a block is read once for all the rows that hold it: per kv
 // head, its scores are a small [rows * group, D] x [D, tokens] product whose K rows stay in L1
 // while every query row of the run uses them, and each (row, query head) keeps its own
-// online-softmax state (max, sum, accumulator), updated block by block. The order in which a row's blocks are
-// summed changes, the result does not (up to rounding). A block read by a single row is the same
-// computation with one row's `group` query heads. Which rows share is found from the tables on
-// every call (rows sorted by their tables, then runs of neighbours with the same block id and
-// the same token count at a position), so any tables are correct, whatever they share;
-// `shared=false` treats every row on its own (each row reads its whole context, row after row).
+// online-softmax state (max, sum, accumulator), updated block by block. The order in which a
+// row's blocks are summed changes, the result does not (up to rounding). A block read by one
+// row is the same computation with that row's `group` query heads. Which rows share is found
+// from the tables on every call (rows sorted by their tables, then runs of neighbours with the
+// same block id and token count at a position), so any tables are correct, whatever they share;
+// `shared=false` treats every row on its own (each row reads its whole context, row after row),
+// kept to measure the difference (benchmarks/cpu_decode_attention.py).
 //
 // Arithmetic: K rows are dotted with query rows in register tiles (3 query rows x 4 tokens,
 // vectorised along D), exp is a vectorised polynomial (Cephes expf, ~1 ulp), and P.V runs in
 // tiles of 3 query rows x 32 dims; AVX2+FMA when the compiler targets it and D % 8 == 0,
-// plain loops otherwise.
+// plain loops otherwise. The FLOPs are those of the per-row kernel (every (row, head) still
+// scores every token it attends); what sharing saves is memory traffic and per-block overhead,
+// what the tiles save is instructions per FMA.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -60,7 +63,8 @@ struct BlockRun {
 struct Prefetcher {
   const char* k = nullptr;  // pool bytes at the item's first head
   const char* v = nullptr;
-  int64_t block_bytes = 0, token_bytes = 0, row_lines = 0;  // row_lines: lines of K (or V) per token
+  int64_t block_bytes = 0, token_bytes = 0;
+  int64_t row_lines = 0;  // cache lines of K (or V) per token of the item's heads
   const BlockRun* runs = nullptr;
   const int64_t* start = nullptr;  // start[x]: cursor position (lines) where run x begins
   int64_t nruns = 0, limit = 0, per_call = 0;
@@ -172,6 +176,10 @@ inline __m256 exp_nonpos(__m256 x) {
   return _mm256_andnot_ps(zero, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
+// the tiles' constant-bound loops, unrolled so that their __m256 arrays live in registers (without
+// it GCC keeps them on the stack and stores every accumulator on every token)
+#define UNROLL _Pragma("GCC unroll 8")
+
 // Loads that feed several FMAs: without this, GCC folds the load into each FMA (a memory
 // operand), which reloads it once per query row and makes the tiles load-port bound.
 inline void keep_in_register(__m256& x) { asm("" : "+x"(x)); }
@@ -199,25 +207,25 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 template <int R, int T>
 inline void qk_tile(const float* q, int64_t D, const float* k, int64_t ks, float* s, int64_t sp) {
   __m256 a[R][T];
-  _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)
-    _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t) a[i][t] = _mm256_setzero_ps();
+  UNROLL for (int i = 0; i < R; ++i)
+    UNROLL for (int t = 0; t < T; ++t) a[i][t] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     __m256 kv[T];
-    _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t) {
+    UNROLL for (int t = 0; t < T; ++t) {
       kv[t] = _mm256_loadu_ps(k + t * ks + d);
       keep_in_register(kv[t]);
     }
-    _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {
+    UNROLL for (int i = 0; i < R; ++i) {
       __m256 qv = _mm256_loadu_ps(q + i * D + d);
       // (with T = 4 there is no register left for qv: GCC reads it in each FMA)
-      _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t) a[i][t] = _mm256_fmadd_ps(qv, kv[t], a[i][t]);
+      UNROLL for (int t = 0; t < T; ++t) a[i][t] = _mm256_fmadd_ps(qv, kv[t], a[i][t]);
     }
   }
-  _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {
+  UNROLL for (int i = 0; i < R; ++i) {
     if constexpr (T == 4) {
       _mm_storeu_ps(s + i * sp, hsum4(a[i][0], a[i][1], a[i][2], a[i][3]));
     } else {
-      _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t) s[i * sp + t] = hsum(a[i][t]);
+      UNROLL for (int t = 0; t < T; ++t) s[i * sp + t] = hsum(a[i][t]);
     }
   }
 }
@@ -236,21 +244,23 @@ template <int R, int C>
 inline void pv_tile(const float* p, int64_t sp, int64_t n, const float* v, int64_t vs,
                     float* acc, int64_t D, const float* corr) {
   __m256 a[R][C];
-  _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {
+  UNROLL for (int i = 0; i < R; ++i) {
     const __m256 c = _mm256_set1_ps(corr[i]);
-    _Pragma("GCC unroll 8") for (int j = 0; j < C; ++j) a[i][j] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + 8 * j), c);
+    UNROLL for (int j = 0; j < C; ++j) {
+      a[i][j] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + 8 * j), c);
+    }
   }
   for (int64_t t = 0; t < n; ++t) {
     __m256 pb[R];
-    _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) pb[i] = _mm256_broadcast_ss(p + i * sp + t);
-    _Pragma("GCC unroll 8") for (int j = 0; j < C; ++j) {
+    UNROLL for (int i = 0; i < R; ++i) pb[i] = _mm256_broadcast_ss(p + i * sp + t);
+    UNROLL for (int j = 0; j < C; ++j) {
       __m256 vv = _mm256_loadu_ps(v + t * vs + 8 * j);
       keep_in_register(vv);
-      _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) a[i][j] = _mm256_fmadd_ps(pb[i], vv, a[i][j]);
+      UNROLL for (int i = 0; i < R; ++i) a[i][j] = _mm256_fmadd_ps(pb[i], vv, a[i][j]);
     }
   }
-  _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)
-    _Pragma("GCC unroll 8") for (int j = 0; j < C; ++j) _mm256_storeu_ps(acc + i * D + 8 * j, a[i][j]);
+  UNROLL for (int i = 0; i < R; ++i)
+    UNROLL for (int j = 0; j < C; ++j) _mm256_storeu_ps(acc + i * D + 8 * j, a[i][j]);
 }
 
 template <int R>
