@@ -108,6 +108,19 @@ def cpu_model():
         return platform.processor()
 
 
+PREAMBLE = """\
+`torch.ops.malt_fast.paged_decode_attention` on one decode step of a G→V→R tree, written by
+`benchmarks/cpu_decode_attention.py` (see its docstring for the step). Methods: **baseline**, the
+per-row kernel of the `--baseline` git revision (every (row, kv head) reads its whole context);
+**flat**, this kernel with `shared=False` (the same per-row order, today's micro-kernels);
+**shared**, the default (a block held by several rows read once for all of them). Pools: 8 =
+each repetition calls the op once on each of 8 layers' pools, as a step does (KV from DRAM);
+1 = the same pool every call (mostly in L3). ms per call, median and min over the repetitions,
+the methods' calls interleaved; errors against the fp64 torch reference.
+
+"""
+
+
 def load_baseline(rev):
     """The kernel source at git revision `rev`, built as torch.ops.malt_fast_baseline.*"""
     from torch.utils import cpp_extension
@@ -210,6 +223,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write("# CPU paged decode attention: per-row vs shared-block\n\n")
+            f.write(PREAMBLE)
             f.write("\n".join(header + lines) + "\n")
 
 
