@@ -88,6 +88,176 @@ def test_cpp_rejects_mismatched_dtypes():
         cpp_decode_attention(torch.randn(1, 2, 8).bfloat16(), k_pool, v_pool, tables, lens, 1.0)
 
 
+class ForkPool:
+    """A block pool filled the way the paged cache fills it: a fork shares its parent's full
+    blocks (same ids, same table positions) and gets a copy of the partial last block; tokens
+    go into the sequence's last block until it is full. Unused slots hold NaN."""
+
+    def __init__(self, num_blocks, bs, Hkv, D, gen):
+        self.bs, self.gen = bs, gen
+        self.k = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=torch.float64)
+        self.v = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=torch.float64)
+        self.free = torch.randperm(num_blocks, generator=gen).tolist()
+
+    def new(self):
+        return {"blocks": [], "len": 0}
+
+    def fork(self, seq):
+        full = seq["len"] // self.bs
+        blocks = seq["blocks"][:full]
+        if seq["len"] % self.bs:
+            b = self.free.pop()
+            self.k[b], self.v[b] = self.k[seq["blocks"][full]], self.v[seq["blocks"][full]]
+            blocks.append(b)
+        return {"blocks": blocks, "len": seq["len"]}
+
+    def extend(self, seq, n):
+        kv = torch.randn(2, n, *self.k.shape[2:], generator=self.gen, dtype=torch.float64)
+        for i in range(n):
+            pos = seq["len"] + i
+            if pos % self.bs == 0:
+                seq["blocks"].append(self.free.pop())
+            self.k[seq["blocks"][pos // self.bs], pos % self.bs] = kv[0, i]
+            self.v[seq["blocks"][pos // self.bs], pos % self.bs] = kv[1, i]
+        seq["len"] += n
+        return seq
+
+    def batch(self, seqs, dtype):
+        width = max(len(s["blocks"]) for s in seqs) + 2  # wider than needed, as in the engine
+        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s["blocks"])] = torch.tensor(s["blocks"], dtype=torch.int32)
+        lens = torch.tensor([s["len"] for s in seqs], dtype=torch.int32)
+        return self.k.to(dtype), self.v.to(dtype), tables, lens
+
+
+def random_fork_tree(seed, bs, Hkv, D):
+    """Rows of a G->V->R-like tree: prompts of random lengths (not multiples of bs), forked and
+    extended over several levels; plus the corner cases: a row that only copies its parent's
+    partial last block (its whole context shared but that block), a row whose whole context is
+    its parent's full blocks, a row that shares nothing. Rows come shuffled."""
+    import random
+
+    rng = random.Random(seed)
+    pool = ForkPool(256, bs, Hkv, D, torch.Generator().manual_seed(seed))
+    rows = []
+    for _ in range(rng.randint(1, 3)):  # questions
+        root = pool.extend(pool.new(), rng.randint(1, 5 * bs))
+        level = [root]
+        for depth in range(rng.randint(2, 4)):
+            nxt = []
+            for parent in level:
+                for _ in range(rng.randint(1, 3)):
+                    nxt.append(pool.extend(pool.fork(parent), rng.randint(0, 3 * bs)))
+            level = nxt
+        rows += level
+        rows.append(pool.fork(level[0]))  # nothing of its own
+    aligned = pool.extend(pool.new(), 2 * bs)
+    rows += [pool.fork(aligned), pool.fork(aligned), pool.extend(pool.new(), rng.randint(1, 70))]
+    rng.shuffle(rows)
+    return pool, rows
+
+
+def cpp_paged(q, k_pool, v_pool, tables, lens, scale, shared=True):
+    """The C++ op; shared=False: every row reads its whole context on its own."""
+    import malt_fast._C  # noqa: F401  (registers the op)
+
+    return torch.ops.malt_fast.paged_decode_attention(q, k_pool, v_pool, tables, lens, scale,
+                                                      shared)
+
+
+def paged_reference(q, k_pool, v_pool, tables, lens, scale):
+    """The torch reference on fp64 copies of the inputs, on one thread (it is a few tiny ops per
+    row; on a busy 2-core machine each multi-threaded op waits milliseconds for a thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference_decode_attention(q.double(), k_pool.double(), v_pool.double(), tables,
+                                          lens, scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Hq, Hkv, D, block size: GQA groups of 3, 4, 1 and 2; D = 12 runs the plain loops (D % 8 != 0),
+# D = 24 and 40 the vector tails; block sizes that are and are not multiples of 4 and 8
+TREE_SHAPES = [(9, 3, 64, 16), (8, 2, 32, 8), (4, 4, 16, 4), (6, 3, 12, 5), (4, 2, 24, 16),
+               (2, 1, 40, 7)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(len(TREE_SHAPES)))
+def test_cpp_fork_trees_match_reference(seed, dtype, tol):
+    Hq, Hkv, D, bs = TREE_SHAPES[seed]
+    pool, rows = random_fork_tree(seed, bs, Hkv, D)
+    k_pool, v_pool, tables, lens = pool.batch(rows, dtype)
+    q = torch.randn(len(rows), Hq, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    ref = paged_reference(q, k_pool, v_pool, tables, lens, D ** -0.5)
+    for shared in (True, False):
+        out = cpp_paged(q, k_pool, v_pool, tables, lens, D ** -0.5, shared)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+def test_cpp_single_row_and_threads():
+    """B = 1 (fewer rows than threads: items split by kv head) and a step big enough for the
+    thread pool, with 1 and 2 threads: the same results."""
+    pool, rows = random_fork_tree(11, 16, 3, 64)
+    rows.insert(0, pool.extend(pool.fork(rows[0]), 500))  # alone, still big enough for threads
+    while sum(r["len"] for r in rows) < 1500:  # big enough to run in parallel
+        rows.append(pool.extend(pool.fork(rows[1]), 40))
+    k_pool, v_pool, tables, lens = pool.batch(rows, torch.float32)
+    q = torch.randn(len(rows), 9, 64, generator=torch.Generator().manual_seed(1))
+    ref = paged_reference(q, k_pool, v_pool, tables, lens, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = cpp_decode_attention(q, k_pool, v_pool, tables, lens, 0.125)
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+            one = cpp_decode_attention(q[:1], k_pool, v_pool, tables[:1], lens[:1], 0.125)
+            torch.testing.assert_close(one.double(), ref[:1], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)],
+                         ids=["fp32", "fp16"])
+def test_cpp_any_tables(dtype, tol):
+    """Tables no fork makes: the same block id in unrelated rows at different positions, twice
+    in one row, shared at one position by rows whose other blocks differ, shared as a partial
+    last block by rows of different lengths; identical rows; a row of length 0 (zeros)."""
+    g = torch.Generator().manual_seed(5)
+    bs, Hkv, D, Hq, nblocks = 8, 2, 32, 6, 12
+    k_pool = torch.randn(nblocks, bs, Hkv, D, generator=g).to(dtype)
+    v_pool = torch.randn(nblocks, bs, Hkv, D, generator=g).to(dtype)
+    tables = torch.randint(0, nblocks, (24, 7), generator=g, dtype=torch.int32)
+    lens = torch.randint(1, 7 * bs + 1, (24,), generator=g, dtype=torch.int32)
+    tables[1, 3] = tables[1, 0] = tables[2, 5] = tables[3, 3]  # repeats, shared at position 3
+    tables[4] = tables[5]  # identical tables: rows 4, 5 same length, row 6 shorter
+    tables[6] = tables[5]
+    lens[5], lens[6] = lens[4], max(1, int(lens[4]) - 3)
+    tables[7, :2] = tables[8, :2]  # a shared prefix, each with its own length inside block 1
+    lens[7], lens[8] = bs + 3, bs + 5
+    lens[9] = 0
+    q = torch.randn(24, Hq, D, generator=g).to(dtype)
+    ref = paged_reference(q, k_pool, v_pool, tables, lens, 0.2)
+    for shared in (True, False):
+        out = cpp_paged(q, k_pool, v_pool, tables, lens, 0.2, shared)
+        keep = lens > 0
+        torch.testing.assert_close(out[keep].double(), ref[keep], atol=tol, rtol=tol)
+        assert (out[9] == 0).all()
+
+
+def test_cpp_rejects_bad_tables():
+    _, _, k_pool, v_pool, tables, lens = build_paged([20], [None], 2, 8, 4, torch.float32)
+    q = torch.randn(1, 2, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpp_decode_attention(q, k_pool, v_pool, tables + 1000, lens, 1.0)
+    with pytest.raises(RuntimeError, match="more blocks"):
+        cpp_decode_attention(q, k_pool, v_pool, tables, lens + 100, 1.0)
+
+
 TRITON_CASES = [
     # branches forked from two parents (full shared blocks) plus one unrelated sequence
     ([40, 45, 52, 70, 37, 19], [None, (0, 32), (0, 32), None, (3, 32), None], 8, 2, 32, 16),
