@@ -40,7 +40,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(shape)
 
 
-@triton.jit
+# Triton compiles a variant per value class of each int argument (1, a multiple of 16, other):
+# token counts and strides change from call to call, so those are not specialised (each
+# variant is a compile of ~0.5 s in the middle of a rollout)
+@triton.jit(do_not_specialize=["T", "sx_b", "sx_h", "sx_t", "sc_b", "sc_t"])
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, H, sx_b, sx_h, sx_t, sc_b, sc_t,
                  HALF: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
     """One token: all heads of x rotated by that token's cos/sin (half-split pairs)."""
@@ -86,7 +89,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

@@ -167,7 +167,8 @@ class Engine:
         """Serve the requests (and any a callback submits) to completion; returns the stats."""
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
-        self._prefill_floor_s = self._decode_s_since_admit = 0.0
+        self._decode_s_since_admit = 0.0
+        self._prefill_costs: list[tuple[int, float]] = []  # (tokens computed, seconds) per call
         t0 = time.perf_counter()
         total = sum(r.n * r.max_new_tokens for r in requests)
         with torch.inference_mode(), tqdm(total=total, unit="tok", disable=not self.progress,
@@ -228,15 +229,22 @@ class Engine:
 
     def _admission_due(self) -> bool:
         """Admit waiting work once the decode time since the last prefill is DECODE_PER_PREFILL
-        times the fastest prefill call so far (its fixed cost): while work keeps arriving, those
-        fixed costs stay under 1 / (1 + DECODE_PER_PREFILL) of the wall.
+        times a prefill call's fixed cost: while work keeps arriving, those fixed costs stay
+        under 1 / (1 + DECODE_PER_PREFILL) of the wall.
 
-        A prefill forward is one eager call whatever its size: on a GPU its launch overhead is
-        several replayed decode steps, so admitting every few steps batches the requests that
-        arrived meanwhile into one call. The wait delays a child request by a few steps; over a
-        G->V->R tree that is a few steps per level. On a CPU a small prefill costs about a
-        decode step and work is admitted every step or two."""
-        return self._decode_s_since_admit >= DECODE_PER_PREFILL * self._prefill_floor_s
+        On a GPU a prefill forward costs its launches whatever its size (tens of ms against a
+        few ms for a replayed decode step), so requests that arrive over several steps share one
+        call, each child delayed a few steps. On a CPU a prefill is compute: its fixed cost is
+        small and work is admitted at (nearly) every step."""
+        return self._decode_s_since_admit >= DECODE_PER_PREFILL * self._prefill_overhead_s()
+
+    def _prefill_overhead_s(self) -> float:
+        """A prefill call's fixed cost, estimated from the calls so far: the least time a call
+        took beyond its tokens at the cheapest per-token rate seen (0 after one call)."""
+        if not self._prefill_costs:
+            return 0.0
+        per_token = min(s / n for n, s in self._prefill_costs)
+        return max(0.0, min(s - n * per_token for n, s in self._prefill_costs))
 
     def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
         """Start waiting requests that fit in the free slots, blocks and prefill budget."""
@@ -271,10 +279,9 @@ class Engine:
                                 f"{self._worst_blocks(self._waiting[0])}")
             return []
         t = time.perf_counter()
-        branches = self._prefill(chosen, groups)
+        branches, computed = self._prefill(chosen, groups)
         took = time.perf_counter() - t
-        self._prefill_floor_s = took if not self.stats["prefill_calls"] \
-            else min(self._prefill_floor_s, took)
+        self._prefill_costs.append((computed, took))
         self._decode_s_since_admit = 0.0
         self.stats["prefill_calls"] += 1
         self.stats["prefill_s"] += took
@@ -285,8 +292,10 @@ class Engine:
             return len(req.context) - self.cache.length(req.parent)
         return len(req.context)
 
-    def _prefill(self, reqs: list[Request], groups: dict[int, _Group]) -> list[_Branch]:
-        """One forward over every row the chosen requests need, then their first tokens."""
+    def _prefill(self, reqs: list[Request],
+                 groups: dict[int, _Group]) -> tuple[list[_Branch], int]:
+        """One forward over every row the chosen requests need, then their first tokens.
+        Returns the new branches and the tokens the forward computed (rows x padded length)."""
         c = self.cache
         rows, row_tokens, owners = [], [], []  # owners[i] = (request, branch indices of row i)
         for req in reqs:
@@ -325,7 +334,7 @@ class Engine:
             for j, tok in zip(idx, first.tolist()):
                 self._append(group.branches[j], tok)
             self._bar.update(len(idx))
-        return branches
+        return branches, len(rows) * max(map(len, row_tokens))
 
     def _forward(self, seqs: list[int], tokens: list[list[int]]) -> torch.Tensor:
         """Extend each sequence by its tokens; logits [B, V] at each row's last new token."""
