@@ -321,19 +321,22 @@ class Engine:
                     owners.append((req, [j]))
         last_logits = self._forward(rows, row_tokens)
         self.stats["prefill_tokens"] += sum(len(t) for t in row_tokens)
-        branches = []
-        for (req, idx), seq, logits in zip(owners, rows, last_logits):
+        branches, source_row = [], []
+        for i, ((req, idx), seq) in enumerate(zip(owners, rows)):
             seqs = [seq] + (c.fork(seq, len(idx) - 1) if len(idx) > 1 else [])
             group = groups.setdefault(id(req), _Group(req, [None] * req.n))
             for j, s in zip(idx, seqs):
                 b = _Branch(req, j, s, branch_generator(req.seed, *req.path, j))
                 group.branches[j] = b
                 branches.append(b)
-            first = sample(logits[None].expand(len(idx), -1), [req.params] * len(idx),
-                           [group.branches[j].random for j in idx])
-            for j, tok in zip(idx, first.tolist()):
-                self._append(group.branches[j], tok)
-            self._bar.update(len(idx))
+                source_row.append(i)
+        # every branch's first token in one draw (each from its own stream): one device sync
+        # per prefill call, not one per request
+        logits = last_logits[torch.tensor(source_row, device=last_logits.device)]
+        first = sample(logits, [b.request.params for b in branches], [b.random for b in branches])
+        for b, tok in zip(branches, first.tolist()):
+            self._append(b, tok)
+        self._bar.update(len(branches))
         return branches, len(rows) * max(map(len, row_tokens))
 
     def _forward(self, seqs: list[int], tokens: list[list[int]]) -> torch.Tensor:
