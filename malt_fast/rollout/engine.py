@@ -27,10 +27,6 @@ from malt_fast.rollout.sampling import (BranchRandom, SamplingParams, branch_gen
                                         sample, sample_rows)
 
 
-# decode time between two prefill calls, in units of the fastest prefill call (see _admission_due)
-DECODE_PER_PREFILL = 4.0
-
-
 @dataclass
 class Request:
     context: list[int]
@@ -167,8 +163,6 @@ class Engine:
         """Serve the requests (and any a callback submits) to completion; returns the stats."""
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
-        self._decode_s_since_admit = 0.0
-        self._prefill_costs: list[tuple[int, float]] = []  # (tokens computed, seconds) per call
         t0 = time.perf_counter()
         total = sum(r.n * r.max_new_tokens for r in requests)
         with torch.inference_mode(), tqdm(total=total, unit="tok", disable=not self.progress,
@@ -180,16 +174,14 @@ class Engine:
             # step t is launched before step t-1's tokens are read, so the host's bookkeeping
             # overlaps the device's work; a branch that step t-1 ends runs one wasted row in t
             while self._waiting or active or inflight is not None:
-                if self._waiting and (not active or self._admission_due()):
+                if self._waiting:
                     # a branch's first token (sampled at prefill) may already end it
                     active = self._retire(active + self._admit(active, groups), groups)
-                t = time.perf_counter()
                 launched = self._launch(active) if active else None
                 if inflight is not None:
                     self._collect(inflight)
                     active = self._retire(active, groups)
                 inflight = launched
-                self._decode_s_since_admit += time.perf_counter() - t
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
         self.stats["peak_cache_blocks"] = self.cache.peak_used
@@ -227,25 +219,6 @@ class Engine:
         left = b.request.max_new_tokens - len(b.tokens)
         return self.cache.blocks_for(left) + 1
 
-    def _admission_due(self) -> bool:
-        """Admit waiting work once the decode time since the last prefill is DECODE_PER_PREFILL
-        times a prefill call's fixed cost: while work keeps arriving, those fixed costs stay
-        under 1 / (1 + DECODE_PER_PREFILL) of the wall.
-
-        On a GPU a prefill forward costs its launches whatever its size (tens of ms against a
-        few ms for a replayed decode step), so requests that arrive over several steps share one
-        call, each child delayed a few steps. On a CPU a prefill is compute: its fixed cost is
-        small and work is admitted at (nearly) every step."""
-        return self._decode_s_since_admit >= DECODE_PER_PREFILL * self._prefill_overhead_s()
-
-    def _prefill_overhead_s(self) -> float:
-        """A prefill call's fixed cost, estimated from the calls so far: the least time a call
-        took beyond its tokens at the cheapest per-token rate seen (0 after one call)."""
-        if not self._prefill_costs:
-            return 0.0
-        per_token = min(s / n for n, s in self._prefill_costs)
-        return max(0.0, min(s - n * per_token for n, s in self._prefill_costs))
-
     def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
         """Start waiting requests that fit in the free slots, blocks and prefill budget."""
         c = self.cache
@@ -279,12 +252,9 @@ class Engine:
                                 f"{self._worst_blocks(self._waiting[0])}")
             return []
         t = time.perf_counter()
-        branches, computed = self._prefill(chosen, groups)
-        took = time.perf_counter() - t
-        self._prefill_costs.append((computed, took))
-        self._decode_s_since_admit = 0.0
+        branches = self._prefill(chosen, groups)
         self.stats["prefill_calls"] += 1
-        self.stats["prefill_s"] += took
+        self.stats["prefill_s"] += time.perf_counter() - t
         return branches
 
     def _prefill_len(self, req: Request) -> int:
@@ -292,10 +262,8 @@ class Engine:
             return len(req.context) - self.cache.length(req.parent)
         return len(req.context)
 
-    def _prefill(self, reqs: list[Request],
-                 groups: dict[int, _Group]) -> tuple[list[_Branch], int]:
-        """One forward over every row the chosen requests need, then their first tokens.
-        Returns the new branches and the tokens the forward computed (rows x padded length)."""
+    def _prefill(self, reqs: list[Request], groups: dict[int, _Group]) -> list[_Branch]:
+        """One forward over every row the chosen requests need, then their first tokens."""
         c = self.cache
         rows, row_tokens, owners = [], [], []  # owners[i] = (request, branch indices of row i)
         for req in reqs:
@@ -337,7 +305,7 @@ class Engine:
         for b, tok in zip(branches, first.tolist()):
             self._append(b, tok)
         self._bar.update(len(branches))
-        return branches, len(rows) * max(map(len, row_tokens))
+        return branches
 
     def _forward(self, seqs: list[int], tokens: list[list[int]]) -> torch.Tensor:
         """Extend each sequence by its tokens; logits [B, V] at each row's last new token."""
