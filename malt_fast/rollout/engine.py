@@ -108,7 +108,6 @@ class Engine:
         p = next(model.parameters())
         self.cache = PagedKVCache(model.config, -(-cache_tokens // block_size), block_size,
                                   dtype=p.dtype, device=p.device, decode_backend=decode_backend)
-        # fixed-shape decode steps go with the Triton kernel's plan; captured only on CUDA
         # decode-step inputs on the device: a row's token is the previous step's sample at its
         # source row, or one the host gives (a branch's first token, sampled at prefill)
         self._row_ints = torch.zeros(3, max_batch, dtype=torch.int64, device=p.device)
@@ -117,6 +116,7 @@ class Engine:
         # two stagings: one step's is filled while the other's step is still in flight
         self._staging = [_Staging(max_batch, p.is_cuda) for _ in range(2)]
         self._launches = 0
+        # fixed-shape decode steps go with the Triton kernel's plan; captured only on CUDA
         self.graphs = None
         if cuda_graphs and self.cache.backend == "triton":
             self.graphs = DecodeGraphs(model, self.cache, max_batch, p.is_cuda, self._sampled,
