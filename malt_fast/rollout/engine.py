@@ -177,11 +177,8 @@ class Engine:
                 if self._waiting:
                     # a branch's first token (sampled at prefill) may already end it
                     active = self._retire(active + self._admit(active, groups), groups)
-                launched = self._launch(active) if active else None
-                if inflight is not None:
-                    self._collect(inflight)
-                    active = self._retire(active, groups)
-                inflight = launched
+                inflight = self._decode_step(active, inflight)
+                active = self._retire(active, groups)
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
         self.stats["peak_cache_blocks"] = self.cache.peak_used
@@ -320,6 +317,14 @@ class Engine:
         last = torch.tensor(n_new, device=device) - 1
         h_last = h[torch.arange(len(seqs), device=device), last]
         return self.model.lm_head(h_last)
+
+    def _decode_step(self, active: list[_Branch], inflight: _Step | None) -> _Step | None:
+        """Launch a step of the active branches, then read the tokens of the step in flight;
+        returns the step now in flight."""
+        launched = self._launch(active) if active else None
+        if inflight is not None:
+            self._collect(inflight)
+        return launched
 
     def _launch(self, active: list[_Branch]) -> _Step:
         """Queue one decode step of every active branch and the copy of its samples to the host."""
