@@ -191,6 +191,12 @@ def capacity_items(batch: int, hkv: int, group: int) -> tuple[int, int]:
     return max(1, chunks) * hkv, batch * hkv
 
 
+def capacity_dims(capacity: int, hkv: int, group: int) -> tuple:
+    """A plan's (n_shared, n_own, q_shared, q_own, n_rows) padded to `capacity` sequences."""
+    n_shared, n_own = capacity_items(capacity, hkv, group)
+    return (n_shared, n_own, *item_rows(hkv, group), n_own * group)
+
+
 def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: int,
                cascade: bool = True, capacity: int | None = None,
                out: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
@@ -219,10 +225,10 @@ def build_plan(tables: np.ndarray, lens: np.ndarray, bs: int, hkv: int, group: i
     own_rows[:, :group] = (b * hkv + h)[:, None] * group + np.arange(group)
     n_shared, n_own, n_rows = n_items, B * hkv, B * hkv * group
     if capacity is not None:
-        cap_shared, cap_own = capacity_items(capacity, hkv, group)
-        if n_shared > cap_shared or n_own > cap_own:
+        cap = capacity_dims(capacity, hkv, group)
+        if n_shared > cap[0] or n_own > cap[1]:
             raise ValueError(f"decode plan of {B} sequences exceeds the capacity of {capacity}")
-        n_shared, n_own, n_rows = cap_shared, cap_own, cap_own * group
+        n_shared, n_own, n_rows = cap[0], cap[1], cap[4]
     rows_s = np.full((n_shared, q_shared), -1, np.int32)
     fields_s = np.zeros((4, n_shared), np.int32)
     slots = np.full(n_rows, -1, np.int32)

@@ -251,10 +251,10 @@ class PagedKVCache:
         tables = i32[: bucket * W].reshape(bucket, W)
         lens = i32[bucket * W: bucket * W + bucket]
         tables.fill(self.scratch)
+        self._tables(seq_ids, W, out=tables)
         starts.fill(0)
         for i, sid in enumerate(seq_ids):
             seq = self.seqs[sid]
-            tables[i, : len(seq.blocks)] = seq.blocks
             starts[i] = seq.length
             seq.length += 1
         np.add(starts, 1, out=lens, casting="unsafe")
@@ -270,12 +270,10 @@ class PagedKVCache:
 
     def _new_static(self, bucket: int) -> dict:
         """Device buffers of a bucket's fixed-shape decode step and their two host stagings."""
-        from malt_fast.kernels.decode_attention import DecodePlan, capacity_items, item_rows, \
-            plan_size
+        from malt_fast.kernels.decode_attention import DecodePlan, capacity_dims, plan_size
 
         W, dev = self.static_width, self.k.device
-        dims = (*capacity_items(bucket, self.n_kv, self.group), *item_rows(self.n_kv, self.group))
-        dims += (dims[1] * self.group,)
+        dims = capacity_dims(bucket, self.n_kv, self.group)
         n32 = bucket * W + bucket + plan_size(*dims)
         i64 = torch.zeros(2 * bucket, dtype=torch.int64, device=dev)
         i32 = torch.zeros(n32, dtype=torch.int32, device=dev)
@@ -294,8 +292,10 @@ class PagedKVCache:
             plan=DecodePlan(i32[bucket * W + bucket:], *dims), stages=stages, turn=0)
         return st
 
-    def _tables(self, seq_ids: list[int], width: int) -> np.ndarray:
-        tables = np.zeros((len(seq_ids), width), np.int64)
+    def _tables(self, seq_ids: list[int], width: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Block tables [B, width] (into the first B rows of `out` when given); entries past a
+        sequence's blocks are left as they are (0 in a new array) and never read."""
+        tables = np.zeros((len(seq_ids), width), np.int64) if out is None else out
         for i, s in enumerate(seq_ids):
             blocks = self.seqs[s].blocks
             tables[i, : len(blocks)] = blocks
