@@ -392,13 +392,12 @@ def instrumented(prof: Profiler, log=print):
 
     def reference(orig):
         @functools.wraps(orig)
-        def wrapped(model, sequences, *args, **kwargs):
-            prof.see_model(model)
+        def wrapped(batch_logprobs, pairs, *args, **kwargs):
             with prof.phase("reference"):
-                out = orig(model, sequences, *args, **kwargs)
+                out = orig(batch_logprobs, pairs, *args, **kwargs)
                 try:
-                    n = sum(len(s[0]) for s in sequences)
-                except (TypeError, IndexError):
+                    n = sum(len(p) + len(c) for pair in pairs for p, c in pair)
+                except (TypeError, ValueError):
                     n = 0
                 prof.count(n, n * prof.flops_per_token("forward"))
             return out

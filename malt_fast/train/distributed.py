@@ -37,9 +37,10 @@ from torch import nn
 from malt_fast.errors import MaltError, fail
 from malt_fast.model.lora import adapter_parameters, lora_modules, save_adapter, set_adapter
 from malt_fast.train.losses import dpo_loss
-from malt_fast.train.reference import reference_logprobs
+from malt_fast.train.reference import (cache_path, check_batches, compute_reference,
+                                       load_reference, reference_key, save_reference)
 from malt_fast.train.trainer import (RoleRNG, TrainConfig, Trainer, atomic_torch_save, job_config,
-                                     joined, load_job_model, policy_logprobs)
+                                     load_job_model, policy_logprobs)
 
 # activation_checkpointing keys that only mean something with model parallelism (not used here)
 _MODEL_PARALLEL_ONLY = ("partition_activations", "cpu_checkpointing",
@@ -276,6 +277,17 @@ def gathered(params):
     return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
 
 
+def phase_seqs(phase, items, idx) -> list:
+    """The (prompt_ids, completion_ids) sequences of items `idx`: SFT rows, or DPO pairs as
+    chosen, rejected, chosen, ..."""
+    return [items[i] for i in idx] if phase == "sft" else [s for i in idx for s in items[i]]
+
+
+def scored(phase, items, idx) -> bool:
+    """Whether items `idx` have any completion token to score."""
+    return any(c for _, c in phase_seqs(phase, items, idx))
+
+
 # ---------------------------------------------------------------- trainer
 
 
@@ -390,7 +402,8 @@ class DeepSpeedTrainer(Trainer):
 
     def engine_steps(self, engine, role, phase, data, batches, total, step):
         cfg = self.cfg
-        ref = self.dpo_reference(engine, role, data, fresh=step == 0) if phase == "dpo" else None
+        ref = self.dpo_reference(engine, role, data, batches, fresh=step == 0) \
+            if phase == "dpo" else None
         if step:
             self.log(f"{role} {phase}: resuming at step {step}/{total}")
         from tqdm import tqdm
@@ -441,33 +454,36 @@ class DeepSpeedTrainer(Trainer):
         if self.writer is not None:
             self.writer.flush()
 
+    def rank_share(self, phase, items, batch) -> tuple[list[int], list[int]]:
+        """(mine, run): this rank's contiguous slice of a global micro-batch (shared prompts stay
+        together), and the items its forward runs: `mine`, or, when `mine` has nothing to score
+        (a short last batch), one borrowed item of the batch, because ZeRO-3 gathers weights
+        collectively and every rank must run a forward."""
+        k = math.ceil(len(batch) / self.world)
+        mine = batch[self.rank * k:(self.rank + 1) * k]
+        if not scored(phase, items, batch):
+            raise MaltError(f"{phase}: every completion of a micro-batch is empty (prompts fill "
+                            f"max_len={self.cfg.max_len}); raise max_len or drop those rows")
+        run = mine if scored(phase, items, mine) else \
+            [next(i for i in batch if scored(phase, items, [i]))]
+        return mine, run
+
     def micro_loss(self, engine, phase, items, batch, ref):
         """This rank's part of one global micro-batch: (loss to backward, global metrics, tokens).
 
         A rank's loss is its share of the whole batch's loss times the world size, so DeepSpeed's
         mean of the ranks' gradients is the gradient of the single-process loss: SFT counts
         tokens against all the batch's completion tokens, DPO pairs against all its pairs. A rank
-        left with nothing to score (a short last batch) still runs a forward and backward, of a
-        borrowed sequence at zero weight, because ZeRO-3 gathers weights collectively.
+        left with nothing to score still runs a forward and backward, of a borrowed sequence at
+        zero weight (rank_share).
         """
-        def seqs(idx):
-            return [items[i] for i in idx] if phase == "sft" else \
-                [s for i in idx for s in items[i]]
-
-        def scored(idx):
-            return any(c for _, c in seqs(idx))
-
-        k = math.ceil(len(batch) / self.world)
-        mine = batch[self.rank * k:(self.rank + 1) * k]  # contiguous: shared prompts stay together
-        if not scored(batch):
-            raise MaltError(f"{phase}: every completion of a micro-batch is empty (prompts fill "
-                            f"max_len={self.cfg.max_len}); raise max_len or drop those rows")
-        run = mine if scored(mine) else [next(i for i in batch if scored([i]))]
-        seq, ran = engine(seqs(run))
+        mine, run = self.rank_share(phase, items, batch)
+        seq, ran = engine(phase_seqs(phase, items, run))
         keep_graph = seq.sum() * 0.0
-        own = seq if run is mine else torch.zeros(len(seqs(mine)), device=seq.device)
+        own = seq if run is mine else torch.zeros(len(phase_seqs(phase, items, mine)),
+                                                  device=seq.device)
         if phase == "sft":
-            n = sum(len(c) for _, c in seqs(batch))
+            n = sum(len(c) for _, c in phase_seqs(phase, items, batch))
             part = -own.sum() / n
             loss = part * self.world + keep_graph
             mets = self.all_reduce({"loss": part.item(), "_ran": ran})
@@ -480,7 +496,7 @@ class DeepSpeedTrainer(Trainer):
                                    self.cfg.dpo_loss) if mine else (own.sum(), self.no_pairs())
             loss = part * (frac * self.world) + keep_graph
             mets = self.all_reduce({**{k: v * frac for k, v in local.items()}, "_ran": ran})
-        return loss, mets, sum(len(p) + len(c) for p, c in seqs(batch))
+        return loss, mets, sum(len(p) + len(c) for p, c in phase_seqs(phase, items, batch))
 
     def no_pairs(self) -> dict:
         z = torch.zeros(1)
@@ -493,22 +509,40 @@ class DeepSpeedTrainer(Trainer):
         torch.distributed.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
-    def dpo_reference(self, engine, role, data, fresh: bool) -> torch.Tensor:
+    def dpo_reference(self, engine, role, data, batches, fresh: bool) -> torch.Tensor:
         """[pairs, 2] log-probs under the role's SFT state, computed (or read from the shared
         reference cache) when DPO starts and kept in the role's checkpoint directory: a run
-        resumed mid-DPO no longer has the SFT weights to recompute them from."""
+        resumed mid-DPO no longer has the SFT weights to recompute them from.
+
+        As in the single-process trainer, the reference is the policy's own forward over the
+        first epoch's micro-batches, each rank scoring the share it trains on (rank_share), so
+        the first DPO step compares the policy with itself bit for bit; the ranks' shares are
+        then summed into the whole table (each pair is scored by exactly one rank)."""
         keep = self.ckpt_dir(role) / "dpo-reference.pt"
         if not fresh:
             if not keep.is_file():
                 raise fail(keep, "missing; cannot resume DPO without the SFT reference log-probs")
             return torch.load(keep, map_location="cpu", weights_only=True)
-        flat = [joined(s) for pair in data.items for s in pair]
-        # every rank computes every sequence: the forwards are collective under ZeRO-3, and the
-        # same inputs keep the ranks in step
-        ref = reference_logprobs(engine.module.model, flat, data.path,
-                                 cache_dir=self.out_dir / "refcache",
-                                 model_key="zero-" + sharded_model_key(engine.module),
-                                 backend=self.cfg.backend).view(-1, 2)
+        first = self.first_epoch(data, batches)
+        check_batches(first, len(data.items))
+        key = reference_key(data.path, "zero-" + sharded_model_key(engine.module), data.items,
+                            first, f"{self.layout(torch.device(engine.device))}|world={self.world}")
+        path = cache_path(data.path, key, self.out_dir / "refcache")
+        ref = load_reference(path, key, len(data.items))
+        # the forwards are collective under ZeRO-3: every rank computes, or none
+        cached = self.all_reduce({"missing": float(ref is None)})["missing"] == 0
+        if not cached:
+            def batch_logprobs(idx):
+                mine, run = self.rank_share("dpo", data.items, idx)
+                seq, _ = engine(phase_seqs("dpo", data.items, run))
+                return (mine, seq) if run is mine else ([], seq[:0])
+
+            engine.eval()  # the reference has no dropout
+            ref = compute_reference(batch_logprobs, first, len(data.items)).to(engine.device)
+            torch.distributed.all_reduce(ref)
+            ref = ref.cpu()
+            if self.rank == 0:
+                save_reference(path, key, ref)
         if self.rank == 0:
             atomic_torch_save(ref, keep)
         torch.distributed.barrier()

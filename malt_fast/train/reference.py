@@ -1,16 +1,27 @@
-"""Reference log-probs for DPO: computed once with the (SFT) reference model, cached next to the
-dataset, so DPO training keeps no reference model in memory.
+"""Reference log-probs for DPO: the policy's own log-prob function, run once with the role's SFT
+weights over the micro-batches of the DPO phase's first epoch, and cached next to the dataset,
+so DPO training keeps no reference model in memory.
 
-    logps = reference_logprobs(model, sequences, "runs/x/dpo_verifier.jsonl")
+    ref = reference_logprobs(batch_logprobs, pairs, batches, "runs/x/dpo_verifier.jsonl",
+                             model_key, layout="packing=tree|...")
 
-`sequences` is a list of (input_ids, labels) pairs (lists or 1-D tensors; labels hold IGNORE on
-prompt tokens, see losses.py); the result is an fp32 tensor [len(sequences)] of summed completion
-log-probs, in order. For DPO pass chosen and rejected sequences of all pairs, e.g. interleaved.
+Why the policy's batches and not any convenient ones: in bf16 and fp16 a GEMM's rounding depends
+on the batch it runs in (padding, packing, which rows share a call), so the same sequence scored
+in two layouts differs by up to tenths of a nat. A reference computed in another layout than the
+policy's would make the first DPO step start off ln 2, and DPO would then fit that per-sequence
+offset instead of the preference. Computed by the same function on the same micro-batches, the
+reference is the policy's first forward bit for bit: loss ln 2, every reward 0. Later epochs
+shuffle pairs into other batches; there the reference is off by layout rounding only (not
+biased one way), and recomputing it per epoch would cost a forward per epoch.
 
-The cache file is `<dataset dir or cache_dir>/<dataset name>.reflogp-<key>.pt`, where the key hashes
-the dataset file's bytes, the model (every state_dict tensor: weights and adapters; or a
-caller-supplied `model_key`, e.g. for a ZeRO-3-sharded model whose local state is partial) and the
-token sequences. Any change picks a different file, so a stale cache is never read.
+`batch_logprobs(idx) -> (rows, logps)`: the pairs of micro-batch `idx` that this process scores
+(`rows`, a list of pair indices; all of `idx` in one process, a rank's share under DeepSpeed)
+and their log-probs [len(rows) * 2], chosen and rejected interleaved.
+
+The cache file is `<dataset dir or cache_dir>/<dataset name>.reflogp-<key>.pt`. The key hashes
+the dataset file's bytes, the model (`model_key`: e.g. `model_hash`, or the role's own weights),
+the tokenized pairs, the micro-batches and the `layout` (packing, backend, device, ranks): any
+change picks another file, so a stale cache is never read.
 """
 
 from __future__ import annotations
@@ -23,9 +34,8 @@ from pathlib import Path
 import torch
 
 from malt_fast.errors import MaltError, fail
-from malt_fast.train.losses import IGNORE, token_logprobs
 
-CACHE_VERSION = 1  # bump when the log-prob computation changes meaning
+CACHE_VERSION = 2  # bump when the log-prob computation changes meaning (2: the policy's batches)
 
 
 def file_hash(path) -> str:
@@ -36,46 +46,36 @@ def file_hash(path) -> str:
     return h.hexdigest()
 
 
-def model_hash(model: torch.nn.Module) -> str:
-    """sha256 over each state_dict entry's name, dtype, shape and bytes (weights + adapters)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+def tensors_hash(named_tensors, h=None) -> "hashlib._Hash":
+    """sha256 over each (name, tensor)'s name, dtype, shape and bytes."""
+    h = h or hashlib.sha256()
+    for name, t in named_tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return h
 
 
-def _as_list(x, what, i):
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 1:
-            raise ValueError(f"reference_logprobs: sequence {i}: {what} must be 1-D")
-        return x.tolist()
-    return list(x)
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 over every state_dict entry (weights and adapters)."""
+    return tensors_hash(sorted(model.state_dict().items())).hexdigest()
 
 
-def _sequences(sequences):
-    out = []
-    for i, seq in enumerate(sequences):
-        try:
-            ids, labels = seq
-        except (TypeError, ValueError):
-            raise ValueError(f"reference_logprobs: sequence {i} is not an (input_ids, labels) "
-                             "pair") from None
-        ids, labels = _as_list(ids, "input_ids", i), _as_list(labels, "labels", i)
-        if len(ids) != len(labels) or len(ids) < 2:
-            raise ValueError(f"reference_logprobs: sequence {i}: {len(ids)} input_ids and "
-                             f"{len(labels)} labels (need equal lengths >= 2)")
-        out.append((ids, labels))
-    if not out:
-        raise ValueError("reference_logprobs: no sequences")
-    return out
+def check_batches(batches: list[list[int]], n_pairs: int) -> None:
+    """The micro-batches must score every pair exactly once."""
+    if n_pairs == 0:
+        raise ValueError("reference_logprobs: no pairs")
+    seen = sorted(i for idx in batches for i in idx)
+    if seen != list(range(n_pairs)):
+        raise ValueError(f"reference_logprobs: the micro-batches must hold each of the {n_pairs} "
+                         "pairs exactly once")
 
 
-def _sequences_hash(seqs) -> str:
+def reference_key(dataset_path, model_key: str, pairs, batches, layout: str) -> str:
     h = hashlib.sha256()
-    for ids, labels in seqs:
-        h.update(repr((ids, labels)).encode())
+    for part in (f"v{CACHE_VERSION}", file_hash(dataset_path), model_key, repr(pairs),
+                 repr(batches), layout):
+        h.update(hashlib.sha256(part.encode()).digest())
     return h.hexdigest()
 
 
@@ -85,56 +85,21 @@ def cache_path(dataset_path, key: str, cache_dir=None) -> Path:
     return folder / f"{dataset_path.name}.reflogp-{key[:20]}.pt"
 
 
-@torch.no_grad()
-def compute_logprobs(model, seqs, batch_size=8, backend=None) -> torch.Tensor:
-    """Summed completion log-probs [len(seqs)] in fp32, batches right-padded (causal: padding after
-    a sequence cannot change it). Longest-first batching keeps padding low."""
-    device = model.lm_head.weight.device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    out = torch.empty(len(seqs), dtype=torch.float32)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        T = len(seqs[idx[0]][0])
-        ids = torch.zeros(len(idx), T, dtype=torch.long)
-        labels = torch.full((len(idx), T), IGNORE, dtype=torch.long)
-        for r, i in enumerate(idx):
-            n = len(seqs[i][0])
-            ids[r, :n] = torch.tensor(seqs[i][0])
-            labels[r, :n] = torch.tensor(seqs[i][1])
-        logp = token_logprobs(model, ids.to(device), labels.to(device), backend=backend)
-        out[idx] = logp.sum(-1).float().cpu()
-    return out
-
-
-def reference_logprobs(model, sequences, dataset_path, cache_dir=None, model_key=None,
-                       batch_size=8, backend=None) -> torch.Tensor:
-    """Summed completion log-probs [len(sequences)] under `model`, read from the cache when the
-    dataset file, the model and the sequences are unchanged, else computed and cached.
-
-    `model` is put in eval mode for the computation and restored afterwards.
-    """
-    dataset_path = Path(dataset_path)
-    if not dataset_path.is_file():
-        raise fail(dataset_path, "dataset file not found (reference log-probs are keyed by it)")
-    seqs = _sequences(sequences)
-    parts = [f"v{CACHE_VERSION}", file_hash(dataset_path), model_key or model_hash(model),
-             _sequences_hash(seqs)]
-    key = hashlib.sha256("|".join(parts).encode()).hexdigest()
-    path = cache_path(dataset_path, key, cache_dir)
-    if path.exists():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a torn or foreign file: recompute rather than trust it
-            blob = {"error": str(e)}
-        logps = blob.get("logps") if isinstance(blob, dict) and blob.get("key") == key else None
-        if isinstance(logps, torch.Tensor) and logps.shape == (len(seqs),):
-            return logps
-    was_training = model.training
-    model.eval()
+def load_reference(path: Path, key: str, n_pairs: int) -> torch.Tensor | None:
+    """The cached [n_pairs, 2] log-probs, or None when missing, torn or for another key."""
+    if not path.exists():
+        return None
     try:
-        logps = compute_logprobs(model, seqs, batch_size, backend)
-    finally:
-        model.train(was_training)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: recompute rather than trust it
+        return None
+    logps = blob.get("logps") if isinstance(blob, dict) and blob.get("key") == key else None
+    if isinstance(logps, torch.Tensor) and logps.shape == (n_pairs, 2):
+        return logps
+    return None
+
+
+def save_reference(path: Path, key: str, logps: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -145,4 +110,32 @@ def reference_logprobs(model, sequences, dataset_path, cache_dir=None, model_key
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise MaltError(f"{path}: cannot write reference log-prob cache ({e.strerror})") from None
+
+
+@torch.no_grad()
+def compute_reference(batch_logprobs, batches, n_pairs: int) -> torch.Tensor:
+    """[n_pairs, 2] fp32 log-probs (chosen, rejected); rows no call returned stay 0."""
+    out = torch.zeros(n_pairs, 2, dtype=torch.float32)
+    for idx in batches:
+        rows, logps = batch_logprobs(idx)
+        if len(rows):
+            out[torch.as_tensor(rows, dtype=torch.long)] = logps.detach().float().cpu().view(-1, 2)
+    return out
+
+
+def reference_logprobs(batch_logprobs, pairs, batches, dataset_path, model_key: str,
+                       layout: str, cache_dir=None) -> torch.Tensor:
+    """[len(pairs), 2] log-probs from the cache when dataset, model, pairs, batches and layout
+    are unchanged, else computed with `batch_logprobs` over `batches` and cached. The caller
+    puts the model in eval mode (no dropout), as the reference has none."""
+    dataset_path = Path(dataset_path)
+    if not dataset_path.is_file():
+        raise fail(dataset_path, "dataset file not found (reference log-probs are keyed by it)")
+    check_batches(batches, len(pairs))
+    key = reference_key(dataset_path, model_key, pairs, batches, layout)
+    path = cache_path(dataset_path, key, cache_dir)
+    logps = load_reference(path, key, len(pairs))
+    if logps is None:
+        logps = compute_reference(batch_logprobs, batches, len(pairs))
+        save_reference(path, key, logps)
     return logps

@@ -44,7 +44,7 @@ from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, l
 from malt_fast.train.losses import (DPO_LOSSES, IGNORE, completion_mask, dpo_loss,
                                     sequence_logprobs, token_logprobs)
 from malt_fast.train.packing import batch_sequence_logprobs, pack_sequences
-from malt_fast.train.reference import model_hash, reference_logprobs
+from malt_fast.train.reference import model_hash, reference_logprobs, tensors_hash
 
 ROLES = ("generator", "verifier", "refiner")
 STAR = "star"  # the STaR baseline's single agent: SFT on sft_star.jsonl, trained like a role
@@ -549,32 +549,42 @@ class Trainer:
         if self.cfg.finetune == "full":
             return model_hash(self.policy(role))
         if self._base_hash is None:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                if ".lora_" in name:
-                    continue
-                t = t.detach().cpu().contiguous()
-                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._base_hash = h.hexdigest()
+            base = [(n, t) for n, t in sorted(self.model.state_dict().items()) if ".lora_" not in n]
+            self._base_hash = tensors_hash(base).hexdigest()
         h = hashlib.sha256(self._base_hash.encode())
         h.update(repr(self.model.lora_configs[role]).encode())
-        for path, m in sorted(lora_modules(self.model).items()):
-            if role in m.lora_A:
-                for t in (m.lora_A[role], m.lora_B[role]):
-                    t = t.detach().cpu().contiguous()
-                    h.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
-                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        adapter = [(f"{path}.{ab}", getattr(m, ab)[role])
+                   for path, m in sorted(lora_modules(self.model).items()) if role in m.lora_A
+                   for ab in ("lora_A", "lora_B")]
+        return tensors_hash(adapter, h).hexdigest()
 
-    def reference(self, role, data: PhaseData) -> torch.Tensor:
-        """[pairs, 2] (chosen, rejected) log-probs under the role's SFT state, cached; computed on
-        the unpacked sequences in both packing modes, so both read the same cache file."""
-        flat = [joined(s) for pair in data.items for s in pair]
-        key = self.role_model_key(role)
-        return reference_logprobs(self.policy(role), flat, data.path,
-                                  cache_dir=self.out_dir / "refcache", model_key=key,
-                                  backend=self.cfg.backend).view(-1, 2)
+    def first_epoch(self, data: PhaseData, batches: list[list[int]]) -> list[list[int]]:
+        """The micro-batches of the phase's first epoch: each epoch holds every item once."""
+        return batches[:math.ceil(len(data.items) / self.cfg.batch_size)]
+
+    def layout(self, device) -> str:
+        """What besides the weights decides a forward's rounding: part of the reference key."""
+        return f"packing={self.cfg.packing}|backend={self.cfg.backend}|device={device.type}"
+
+    def reference(self, role, data: PhaseData, batches) -> torch.Tensor:
+        """[pairs, 2] (chosen, rejected) log-probs under the role's SFT state, cached: the policy's
+        own forward (`policy_logprobs`, same packing and kernels) over the first epoch's
+        micro-batches, so the first DPO step compares the policy with itself bit for bit."""
+        model = self.policy(role)
+
+        def batch_logprobs(idx):
+            seqs = [s for i in idx for s in data.items[i]]
+            return idx, policy_logprobs(model, seqs, self.cfg.packing, self.cfg.backend)[0]
+
+        was_training = model.training
+        model.eval()  # the reference has no dropout
+        try:
+            return reference_logprobs(batch_logprobs, data.items, self.first_epoch(data, batches),
+                                      data.path, self.role_model_key(role),
+                                      self.layout(self.device),
+                                      cache_dir=self.out_dir / "refcache")
+        finally:
+            model.train(was_training)
 
     def phase_steps(self, role: str, phase: str):
         cfg = self.cfg
@@ -585,11 +595,11 @@ class Trainer:
             self.log(f"{role} {phase}: {why}, phase skipped")
             self.save(role, phase, None, None, 0, finished=True)
             return
-        ref = self.reference(role, data) if phase == "dpo" else None
+        batches = self.batch_order(data.groups, epochs, role, phase)
+        ref = self.reference(role, data, batches) if phase == "dpo" else None
         params = self.trained_parameters(role)
         lr = cfg.sft_lr if phase == "sft" else cfg.dpo_lr
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        batches = self.batch_order(data.groups, epochs, role, phase)
         micro = cfg.grad_accum
         total = math.ceil(len(batches) / micro)
         sched = torch.optim.lr_scheduler.LambdaLR(

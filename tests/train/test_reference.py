@@ -1,4 +1,5 @@
-"""Reference log-prob cache: equals a fresh computation; dataset/model changes invalidate it."""
+"""Reference log-prob cache: equals a fresh computation (and the textbook log-softmax); a changed
+dataset, model, pairs, micro-batches or layout picks a new file; a torn file is recomputed."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 import malt_fast.train.reference as reference
 from malt_fast.errors import MaltError
 from malt_fast.model.llama import Llama, LlamaConfig
-from malt_fast.train.losses import IGNORE
+from malt_fast.train.trainer import policy_logprobs
 
 
 def tiny_model(seed=0):
@@ -16,28 +17,45 @@ def tiny_model(seed=0):
     return Llama(cfg)
 
 
-def make_sequences(seed=0, n=5):
+def make_pairs(seed=0, n=5):
+    """((prompt, chosen), (prompt, rejected)) token id pairs of different lengths."""
     gen = torch.Generator().manual_seed(seed)
-    seqs = []
+
+    def toks(k):
+        return torch.randint(0, 53, (k,), generator=gen).tolist()
+
+    pairs = []
     for i in range(n):
-        length = 6 + 3 * i  # different lengths: batches need padding
-        ids = torch.randint(0, 53, (length,), generator=gen)
-        labels = ids.clone()
-        labels[: 3 + i % 2] = IGNORE
-        seqs.append((ids.tolist(), labels))
-    return seqs
+        prompt = toks(3 + i % 2)
+        pairs.append(((prompt, toks(3 + 2 * i)), (prompt, toks(2 + i))))
+    return pairs
 
 
-def eager_logps(model, seqs):
+def textbook_logps(model, pairs):
+    """fp64 log-softmax of full logits, one sequence at a time."""
     out = []
     with torch.no_grad():
-        for ids, labels in seqs:
-            ids = torch.tensor(ids)[None]
-            labels = torch.as_tensor(labels)[None]
-            logp = torch.log_softmax(model(ids).double()[:, :-1], -1)
-            tok = logp.gather(2, ids[:, 1:, None])[..., 0]
-            out.append(torch.where(labels[:, 1:] != IGNORE, tok, 0.0).sum().item())
+        for pair in pairs:
+            row = []
+            for prompt, completion in pair:
+                ids = torch.tensor([prompt + completion])
+                logp = torch.log_softmax(model(ids)[0].double(), -1)
+                at = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+                row.append(logp[at, torch.tensor(completion)].sum().item())
+            out.append(row)
     return torch.tensor(out, dtype=torch.float64)
+
+
+class Counting:
+    """`batch_logprobs` over the policy's function, counting its calls."""
+
+    def __init__(self, model, pairs, packing="tree"):
+        self.model, self.pairs, self.packing, self.calls = model, pairs, packing, 0
+
+    def __call__(self, idx):
+        self.calls += 1
+        seqs = [s for i in idx for s in self.pairs[i]]
+        return idx, policy_logprobs(self.model, seqs, self.packing)[0]
 
 
 @pytest.fixture
@@ -47,66 +65,73 @@ def dataset(tmp_path):
     return path
 
 
-def test_cached_equals_fresh_and_is_reused(dataset, monkeypatch):
-    model, seqs = tiny_model(), make_sequences()
-    first = reference.reference_logprobs(model, seqs, dataset, batch_size=2)
-    torch.testing.assert_close(first.double(), eager_logps(model, seqs), atol=1e-4, rtol=0)
+BATCHES = [[3, 0], [4, 1], [2]]
+
+
+def ref(fn, pairs, dataset, batches=BATCHES, key="m", layout="packing=tree", **kw):
+    return reference.reference_logprobs(fn, pairs, batches, dataset, key, layout, **kw)
+
+
+def test_cached_equals_fresh_and_is_reused(dataset):
+    model, pairs = tiny_model(), make_pairs()
+    fn = Counting(model, pairs)
+    first = ref(fn, pairs, dataset)
+    assert fn.calls == len(BATCHES) and first.shape == (5, 2) and first.dtype == torch.float32
+    torch.testing.assert_close(first.double(), textbook_logps(model, pairs), atol=1e-4, rtol=0)
     files = list(dataset.parent.glob("*.reflogp-*.pt"))
     assert len(files) == 1 and not list(dataset.parent.glob("*.tmp"))
-
-    def boom(*a, **k):
-        raise AssertionError("recomputed although the cache is valid")
-
-    monkeypatch.setattr(reference, "compute_logprobs", boom)
-    again = reference.reference_logprobs(model, seqs, dataset, batch_size=2)
+    again = ref(fn, pairs, dataset)
+    assert fn.calls == len(BATCHES), "recomputed although the cache is valid"
     assert torch.equal(first, again)
 
 
-def test_changed_dataset_or_model_invalidates(dataset, tmp_path):
-    model, seqs = tiny_model(), make_sequences()
+@pytest.mark.parametrize("change", ["dataset", "model", "pairs", "batches", "layout"])
+def test_any_change_invalidates(dataset, tmp_path, change):
+    model, pairs = tiny_model(), make_pairs()
     cache = tmp_path / "cache"
-    base = reference.reference_logprobs(model, seqs, dataset, cache_dir=cache)
-    dataset.write_text(dataset.read_text() + '{"id": "b", "prompt": [], "chosen": "x", '
-                                             '"rejected": "z"}\n')
-    calls = []
-    real = reference.compute_logprobs
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    reference.compute_logprobs = counting
-    try:
-        after_data = reference.reference_logprobs(model, seqs, dataset, cache_dir=cache)
-        assert len(calls) == 1, "a changed dataset must not reuse the cache"
-        torch.testing.assert_close(after_data, base)  # same model, same sequences: same values
-        with torch.no_grad():
-            model.lm_head.weight[3] += 0.5
-        after_model = reference.reference_logprobs(model, seqs, dataset, cache_dir=cache)
-        assert len(calls) == 2, "a changed model must not reuse the cache"
-        torch.testing.assert_close(after_model.double(), eager_logps(model, seqs), atol=1e-4,
-                                   rtol=0)
-        assert not torch.allclose(after_model, base)
-        assert len(list(cache.glob("*.pt"))) == 3
-    finally:
-        reference.compute_logprobs = real
+    fn = Counting(model, pairs)
+    base = ref(fn, pairs, dataset, cache_dir=cache)
+    calls = fn.calls
+    kw = {"cache_dir": cache}
+    if change == "dataset":
+        dataset.write_text(dataset.read_text() + '{"id": "b"}\n')
+    elif change == "model":
+        kw["key"] = "m2"
+    elif change == "pairs":
+        pairs = make_pairs(seed=1)
+        fn.pairs = pairs
+    elif change == "batches":
+        kw["batches"] = [[0, 1], [2, 3], [4]]
+    else:
+        kw["layout"] = "packing=none"
+    after = ref(fn, pairs, dataset, **kw)
+    assert fn.calls == calls + len(kw.get("batches", BATCHES)), f"a changed {change} reused"
+    assert len(list(cache.glob("*.pt"))) == 2
+    if change in ("dataset", "model", "batches", "layout"):  # same sequences, same values (fp32)
+        torch.testing.assert_close(after, base, atol=1e-5, rtol=0)
+    else:
+        assert not torch.allclose(after, base)
 
 
 def test_corrupt_cache_is_recomputed(dataset):
-    model, seqs = tiny_model(), make_sequences()
-    good = reference.reference_logprobs(model, seqs, dataset)
+    model, pairs = tiny_model(), make_pairs()
+    fn = Counting(model, pairs)
+    good = ref(fn, pairs, dataset)
     (path,) = dataset.parent.glob("*.reflogp-*.pt")
     path.write_bytes(b"torn")
-    again = reference.reference_logprobs(model, seqs, dataset)
-    assert torch.equal(good, again)
-    assert torch.load(path, weights_only=True)["logps"].shape == (len(seqs),)
+    again = ref(fn, pairs, dataset)
+    assert fn.calls == 2 * len(BATCHES) and torch.equal(good, again)
+    assert torch.load(path, weights_only=True)["logps"].shape == (len(pairs), 2)
 
 
 def test_bad_input(tmp_path, dataset):
-    model = tiny_model()
+    model, pairs = tiny_model(), make_pairs()
+    fn = Counting(model, pairs)
     with pytest.raises(MaltError, match="not found"):
-        reference.reference_logprobs(model, make_sequences(), tmp_path / "missing.jsonl")
-    with pytest.raises(ValueError, match="no sequences"):
-        reference.reference_logprobs(model, [], dataset)
-    with pytest.raises(ValueError, match="equal lengths"):
-        reference.reference_logprobs(model, [([1, 2, 3], [1, 2])], dataset)
+        ref(fn, pairs, tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="no pairs"):
+        ref(fn, [], dataset, batches=[])
+    for batches in ([[0, 1], [2, 3]], [[0, 1, 2], [2, 3, 4]], [[0, 1, 2, 3, 4, 5]]):
+        with pytest.raises(ValueError, match="exactly once"):
+            ref(fn, pairs, dataset, batches=batches)
+    assert fn.calls == 0

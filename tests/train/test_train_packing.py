@@ -176,13 +176,15 @@ def test_trainer_packing_on_and_off_agree(model_dir, tok, tmp_path):
     assert a_tree.keys() == a_none.keys()
     for k in a_tree:
         assert torch.allclose(a_tree[k], a_none[k], atol=1e-5, rtol=0), k
-    # reference log-probs: computed unpacked in both modes; the SFT states differ by rounding only
+    # reference log-probs: each mode's own layout; the SFT states differ by rounding only
     assert len(c_tree) == len(c_none) == 1
     (r_tree,), (r_none,) = c_tree.values(), c_none.values()
     assert torch.allclose(r_tree, r_none, atol=1e-4, rtol=0)
 
 
-def test_reference_cache_does_not_depend_on_packing(model_dir, tok, tmp_path):
+def test_reference_follows_the_packing_and_is_cached_per_layout(model_dir, tok, tmp_path):
+    """The reference is computed in the policy's layout, so each packing mode has its own cache
+    file; in fp32 both equal the unpacked log-prob of each (chosen, rejected) pair."""
     write_malt_sets(tmp_path / "data")
     model = load_model(model_dir)
     add_adapter(model, "verifier", LoRAConfig(rank=4, alpha=8.0))
@@ -190,12 +192,12 @@ def test_reference_cache_does_not_depend_on_packing(model_dir, tok, tmp_path):
     for packing in ("tree", "none"):
         trainer = Trainer(model, tok, tmp_path / "data", tmp_path / "out",
                           TrainConfig(roles=("verifier",), packing=packing), log=lambda *_: None)
-        refs.append(trainer.reference("verifier", trainer.phase_data("verifier", "dpo")))
-    assert len(list((tmp_path / "out" / "refcache").glob("*.pt"))) == 1  # one key for both
-    assert torch.equal(refs[0], refs[1])
-    # and it is the unpacked policy log-prob of each (chosen, rejected) pair
-    data = trainer.phase_data("verifier", "dpo")
+        data = trainer.phase_data("verifier", "dpo")
+        batches = trainer.batch_order(data.groups, 1, "verifier", "dpo")
+        refs.append(trainer.reference("verifier", data, batches))
+    assert len(list((tmp_path / "out" / "refcache").glob("*.pt"))) == 2  # one per layout
     with torch.no_grad():
         direct = torch.stack([independent_logprob(model, p, c)
                               for pair in data.items for p, c in pair]).view(-1, 2)
-    assert torch.allclose(refs[0], direct, atol=1e-4, rtol=0)
+    for r in refs:
+        assert torch.allclose(r, direct, atol=1e-4, rtol=0)
