@@ -53,7 +53,8 @@ def cmd_credit(args) -> None:
     from malt_fast.malt.credit import run_credit
 
     summary = run_credit(args.trees, args.out, theta=args.theta, pairs=args.pairs,
-                         max_pairs=args.max_pairs, seed=args.seed, prompts_path=args.prompts)
+                         max_pairs=args.max_pairs, seed=args.seed, prompts_path=args.prompts,
+                         cut_replies=args.cut_replies)
     import json
 
     print(json.dumps(summary, indent=2))
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("--pairs", choices=["all", "max_k", "one"], default="all")
     credit.add_argument("--max-pairs", type=int, default=None)
     credit.add_argument("--seed", type=int, default=0)
+    credit.add_argument("--cut-replies", choices=["drop", "keep"], default="drop",
+                        help="replies cut by the token budget: left out of the training sets "
+                             "(drop) or trained as open turns (keep)")
     credit.add_argument("--prompts", default=None, help="prompts YAML (default configs/prompts.yaml)")
     credit.set_defaults(func=cmd_credit)
     for name, func in [("run", cmd_run), ("expand", cmd_expand), ("evaluate", cmd_evaluate),

@@ -63,8 +63,10 @@ DEFAULTS = {
     # copies of their adapted weights (faster, more memory; Run.engine)
     "engine": {"max_batch": 64, "cache_tokens": 24576, "merge_adapters": True},
     # theta_schedule: None (every round uses theta), a list with one theta per round, or
-    # {start, end}: linear from start (round 1) to end (round k)
-    "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None, "theta_schedule": None},
+    # {start, end}: linear from start (round 1) to end (round k); cut_replies: replies cut by
+    # the token budget are left out of the training sets (drop) or trained as open turns (keep)
+    "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None, "theta_schedule": None,
+               "cut_replies": "drop"},
     "train": {},              # malt_fast.train.trainer.TrainConfig fields
     "deepspeed": None,        # a JSON path or {config, nproc}: train under torchrun (below)
     # star: also train and evaluate the STaR baseline (a single agent SFT'd on its own correct
@@ -122,6 +124,8 @@ def _check(cfg: dict, source) -> None:
     if not _is_num(cfg["credit"]["theta"]):
         bad("credit.theta", f"expected a number, got {cfg['credit']['theta']!r}")
     round_thetas(cfg, source)  # checks the schedule
+    if cfg["credit"]["cut_replies"] not in ("drop", "keep"):
+        bad("credit.cut_replies", f"expected drop or keep, got {cfg['credit']['cut_replies']!r}")
     e = cfg["evaluate"]
     seeds = e["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds) \
@@ -347,7 +351,8 @@ class Run:
         k = self.cfg["credit"]
         summary = run_credit(trees, out, theta=self.theta, pairs=k["pairs"],
                              max_pairs=k["max_pairs"], seed=self.seed,
-                             prompts_path=self.cfg["prompts"])
+                             prompts_path=self.cfg["prompts"], cut_replies=k["cut_replies"],
+                             log=self.log)
         self.record("credit", time.perf_counter() - t0, summary=summary)
         return out
 
@@ -585,6 +590,19 @@ def combine_seeds(parts: list[dict], e: dict, base: dict | None = None) -> dict:
             "transitions": transitions}
 
 
+def format_credit(summary: dict, round_no=None) -> str:
+    """One line of the credit stage's summary: training rows per role and the replies cut by
+    the token budget (what `credit.cut_replies` did with them)."""
+    roles = summary["roles"]
+    rows = ", ".join(f"{r} {roles[r]['sft']} SFT / {roles[r]['pairs']} pairs" for r in ROLES)
+    cut = ", ".join(f"{r} {100 * roles[r].get('cut_fraction', 0):.1f}%" for r in ROLES)
+    what = "dropped from training" if summary.get("cut_replies", "drop") == "drop" else \
+        "trained as open turns"
+    tag = f"round {round_no} " if round_no is not None else ""
+    return (f"{tag}training sets: {rows}\n{tag}replies cut by the token budget: {cut} "
+            f"({what}; raise sampling.max_new_tokens if this is large)")
+
+
 # -------------------------------------------------------------------- rounds summary
 
 
@@ -696,6 +714,8 @@ def run_pipeline(cfg: dict, log=print) -> dict:
         rounds.append({"round": r, "theta": run.theta, "results": results, "summary": summary,
                        "dir": run.dir})
     last = rounds[-1]
+    log("\n" + "\n".join(format_credit(r["summary"], r["round"] if cfg["rounds"] > 1 else None)
+                         for r in rounds))
     log(f"\nresults ({last['results']['dataset']}, accuracy in %, mean ± std over "
         f"{len(last['results']['seeds'])} seeds"
         + (f", round {cfg['rounds']}" if cfg["rounds"] > 1 else "") + "):")

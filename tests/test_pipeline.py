@@ -114,10 +114,20 @@ def malt(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+def nodes_at(trees, level):
+    """Every generation (level 0), verification (1) or refinement (2) of the trees."""
+    nodes = [g for t in trees for g in t["generations"]]
+    for key in ("verifications", "refinements")[:level]:
+        nodes = [c for n in nodes for c in n[key]]
+    return nodes
+
+
 def test_run_end_to_end_and_rerun_skips(smollm_gguf, tmp_path):
-    # the digit model is right sometimes, so every role and the STaR baseline get rows
+    # the digit model is right sometimes, so every role and the STaR baseline get rows; it
+    # stops early sometimes and runs into the 6-token budget more often, so this run keeps the
+    # cut replies (as open turns), or little would be left to train
     cfg = write_config(tmp_path / "run.yaml", digit_model(tmp_path / "model"), smollm_gguf,
-                       tmp_path / "run", evaluate={"star": True})
+                       tmp_path / "run", credit={"cut_replies": "keep"}, evaluate={"star": True})
     proc = malt("run", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "run"
@@ -127,6 +137,24 @@ def test_run_end_to_end_and_rerun_skips(smollm_gguf, tmp_path):
         assert len(t["generations"]) == 2
         assert all(len(g["verifications"]) == 2 for g in t["generations"])
         assert all(len(v["refinements"]) == 2 for g in t["generations"] for v in g["verifications"])
+    # every reply says why it ended and how many tokens it took
+    summary = json.loads((run / "data" / "summary.json").read_text())
+    for role, level in zip(ROLES, (nodes_at(trees, 0), nodes_at(trees, 1), nodes_at(trees, 2))):
+        for node in level:
+            assert node["finish"] in ("eos", "length") and 1 <= node["tokens"] <= 6
+            assert node["finish"] == "eos" or node["tokens"] == 6  # EOS as 6th token: "eos"
+        cut = sum(node["finish"] == "length" for node in level)
+        assert summary["roles"][role]["cut"] == cut
+        assert summary["roles"][role]["cut_fraction"] == pytest.approx(cut / len(level))
+    assert {n["finish"] for level in range(3) for n in nodes_at(trees, level)} == {"eos", "length"}
+    assert "replies cut by the token budget: generator" in proc.stdout
+    assert "trained as open turns" in proc.stdout
+    cut_texts = {n["text"] for level in range(3) for n in nodes_at(trees, level)
+                 if n["finish"] == "length"}
+    rows = [json.loads(line) for role in ROLES
+            for line in open(run / "data" / f"sft_{role}.jsonl")]
+    assert any(r.get("cut") for r in rows)
+    assert all(r.get("cut", False) == (r["completion"] in cut_texts) for r in rows)
     for role in ROLES:
         assert (run / "data" / f"sft_{role}.jsonl").is_file()
         assert (run / "train" / "checkpoints" / role / "adapter_config.json").is_file()
@@ -186,10 +214,12 @@ def kill_setup(tmp_path_factory, fast_tokenizer):
     def config(run_dir):
         # one question per chunk: trees.jsonl grows while expansion runs; save_every 1 and
         # batch 1: training leaves a resumable state after every step; three seeds: the
-        # evaluation has a finished seed while later ones still run
+        # evaluation has a finished seed while later ones still run; the digit model fills its
+        # budget often, so its cut replies are kept (as open turns) to leave rows to train on
         return write_config(run_dir.parent / f"{run_dir.name}.yaml", model, fast_tokenizer,
                             run_dir, dataset=str(data), train_questions=KILL_QUESTIONS,
                             chunk_questions=1, sampling={"max_new_tokens": 8},
+                            credit={"cut_replies": "keep"},
                             train={"batch_size": 1, "save_every": 1},
                             evaluate={"seeds": [0, 1, 2], "questions": 2})
 

@@ -26,6 +26,8 @@ def config(assets, tokenizer, run_dir, train, **over):
            "threads": 1, "dataset": str(data), "train_questions": 4, "n": 2,
            "chunk_questions": 4, "sampling": {"temperature": 1.0, "max_new_tokens": 8},
            "engine": {"max_batch": 16, "cache_tokens": 4096},
+           # the digit model often fills its budget: keep its cut replies (as open turns)
+           "credit": {"cut_replies": "keep"},
            "train": {"batch_size": 4, "sft_lr": 1e-3, "dpo_lr": 1e-3, "tensorboard": False,
                      **train},
            "evaluate": {"seeds": [0], "questions": 2, "chains": 3}}

@@ -41,7 +41,9 @@ def config(assets, tokenizer, run_dir, **over):
            # through the adapters, so the spy below can read which adapter each engine runs
            # (merged role weights: tests/test_pipeline_finetune.py)
            "engine": {"max_batch": 16, "cache_tokens": 4096, "merge_adapters": False},
-           "credit": {"theta_schedule": THETAS},
+           # the digit model often fills its 8-token budget: keep its cut replies (as open
+           # turns), or a role can be left with nothing to train on in a round
+           "credit": {"theta_schedule": THETAS, "cut_replies": "keep"},
            "train": {"batch_size": 2, "lora": {"rank": 2, "alpha": 4.0}, "tensorboard": False},
            "evaluate": {"seeds": [0, 1], "questions": 2, "chains": 3}}
     cfg.update(over)

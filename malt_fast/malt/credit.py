@@ -8,6 +8,12 @@
 
 Values are kept as exact fractions until they are written, so a value of exactly theta is never
 pushed over (or under) it by float rounding: (1/3 + 2/3) / 2 is 1/2, negative.
+
+A reply cut by the token budget (`finish: length`) did not choose to stop there. Its subtree
+counts in value iteration as any other (a cut refinement is scored as usual), but with
+`cut_replies: drop` (the default) it is never an SFT target nor either side of a DPO pair; with
+`keep` its rows carry `cut: true` (SFT) or `chosen_cut` / `rejected_cut` (DPO), and the trainer
+renders it as an open turn, with no end-of-turn token to learn.
 """
 
 from __future__ import annotations
@@ -27,29 +33,39 @@ from malt_fast.malt.trees import atomic_write_text, read_trees, write_trees
 
 ROLES = ("generator", "verifier", "refiner")
 PAIR_MODES = ("all", "max_k", "one")
+CUT_MODES = ("drop", "keep")
 
 
 def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed=0,
-               prompts_path=None) -> dict:
+               prompts_path=None, cut_replies="drop", log=None) -> dict:
     """Score `trees_path` and write trees.jsonl, sft_{role}.jsonl, dpo_{role}.jsonl,
     sft_star.jsonl (the STaR baseline's set) and summary.json (last, so its presence means the
     stage finished) into `out_dir`."""
     theta_f = _theta(theta)
     _check_pairing(pairs, max_pairs)
+    if cut_replies not in CUT_MODES:
+        raise MaltError(f"cut_replies: expected one of {', '.join(CUT_MODES)}, "
+                        f"got {cut_replies!r}")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     trees = read_trees(trees_path)
     if not trees:
         raise fail(trees_path, "no trees (empty file)")
+    unknown = sum(1 for t in trees for node in replies(t) if "finish" not in node)
+    if unknown:
+        log(f"{trees_path}: {unknown} replies have no 'finish' (written before finish reasons "
+            "were recorded); they are treated as finished")
     prompts = _PromptCache(prompts_path)
     scored = [score_tree(t, theta_f) for t in trees]
     sft = {role: [] for role in ROLES}
     dpo = {role: [] for role in ROLES}
     star = []
     for tree in scored:
-        tree_sft, tree_dpo = tree_examples(tree, prompts.get(tree), theta_f, pairs, max_pairs, seed)
+        tree_sft, tree_dpo = tree_examples(tree, prompts.get(tree), theta_f, pairs, max_pairs, seed,
+                                           cut_replies)
         for role in ROLES:
             sft[role] += tree_sft[role]
             dpo[role] += tree_dpo[role]
-        star += star_rows(tree, prompts.get(tree))
+        star += star_rows(tree, prompts.get(tree), cut_replies)
 
     out = Path(out_dir)
     write_trees(out / "trees.jsonl", scored)
@@ -63,7 +79,7 @@ def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed
     summary = summarize(scored, theta_f, sft, dpo)
     summary["star"] = {"sft": len(star)}
     summary.update(trees=str(trees_path), theta=float(theta), pairs=pairs,
-                   max_pairs=max_pairs, seed=seed)
+                   max_pairs=max_pairs, seed=seed, cut_replies=cut_replies)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -151,24 +167,45 @@ def _leaf_positive(leaf: dict, theta: Fraction) -> bool:
     return Fraction(leaf["reward"]) > theta
 
 
+def is_cut(node: dict) -> bool:
+    """Cut by the token budget. A node without `finish` (older trees) counts as finished."""
+    return node.get("finish") == "length"
+
+
+def replies(tree: dict):
+    """Every reply node of a tree: generations, verifications, refinements."""
+    for g in tree["generations"]:
+        yield g
+        for v in g["verifications"]:
+            yield v
+            yield from v["refinements"]
+
+
 def tree_examples(tree: dict, prompts: RolePrompts, theta: Fraction, pairs="all",
-                  max_pairs=None, seed=0) -> tuple[dict, dict]:
-    """SFT rows (positive nodes) and DPO rows (positive x negative siblings) of a scored tree."""
+                  max_pairs=None, seed=0, cut_replies="drop") -> tuple[dict, dict]:
+    """SFT rows (positive nodes) and DPO rows (positive x negative siblings) of a scored tree;
+    replies cut by the token budget are left out (`drop`) or marked (`keep`)."""
     ex = example_of(tree)
     sft = {role: [] for role in ROLES}
     dpo = {role: [] for role in ROLES}
     tid = tree["id"]
+    keep_cut = cut_replies == "keep"
 
     def add(role, parent, letter, prompt, children, positive):
         texts = [c.get("text", "") for c in children]
         labels = [positive(c) for c in children]
+        cut = [is_cut(c) for c in children]
+        usable = [bool(t.strip()) and (keep_cut or not k) for t, k in zip(texts, cut)]
         for i, (text, lab) in enumerate(zip(texts, labels)):
-            if lab and text.strip():
+            if lab and usable[i]:
                 sft[role].append({"id": f"{parent}{letter}{i}", "prompt": prompt,
-                                  "completion": text})
-        for p, q in select_pairs(texts, labels, pairs, max_pairs, f"{seed}/{parent}{letter}"):
+                                  "completion": text, **({"cut": True} if cut[i] else {})})
+        for p, q in select_pairs(texts, labels, pairs, max_pairs, f"{seed}/{parent}{letter}",
+                                 usable):
+            marks = {f"{side}_cut": True for side, i in (("chosen", p), ("rejected", q))
+                     if cut[i]}
             dpo[role].append({"id": f"{parent}{letter}{p}>{letter}{q}", "prompt": prompt,
-                              "chosen": texts[p], "rejected": texts[q]})
+                              "chosen": texts[p], "rejected": texts[q], **marks})
 
     gens = tree["generations"]
     add("generator", f"{tid}/", "g", generator_messages(ex, prompts), gens,
@@ -184,28 +221,32 @@ def tree_examples(tree: dict, prompts: RolePrompts, theta: Fraction, pairs="all"
     return sft, dpo
 
 
-def star_rows(tree: dict, prompts: RolePrompts) -> list[dict]:
+def star_rows(tree: dict, prompts: RolePrompts, cut_replies="drop") -> list[dict]:
     """The STaR baseline's SFT rows: each generation whose own answer is correct, as a single
     agent's (question -> answer) example. Rejection sampling on the final reward alone, with no
-    verifier or refiner in the loop: what MALT's credit assignment is compared against."""
+    verifier or refiner in the loop: what MALT's credit assignment is compared against. Cut
+    generations follow `cut_replies` as MALT's rows do."""
     ex = example_of(tree)
     rows = []
     for i, g in enumerate(tree["generations"]):
         text = g.get("text", "")
+        if is_cut(g) and cut_replies == "drop":
+            continue
         answer = extract_answer(text, ex.dataset, ex.choices)
         if text.strip() and answers_equal(answer, ex.gold, ex.dataset, ex.choices):
             rows.append({"id": f"{tree['id']}/g{i}", "prompt": generator_messages(ex, prompts),
-                         "completion": text})
+                         "completion": text, **({"cut": True} if is_cut(g) else {})})
     return rows
 
 
 def select_pairs(texts: list[str], labels: list[bool], mode="all", max_pairs=None,
-                 key="0") -> list[tuple[int, int]]:
-    """(chosen, rejected) sibling indices. Pairs whose two texts are equal teach nothing (and a
-    leaf without text cannot be trained on), so they are left out before any sampling. 'max_k'
-    and 'one' sample without replacement with a generator seeded by `key` (seed + parent id),
-    so reruns and resumed runs pick the same pairs."""
-    usable = [bool(t.strip()) for t in texts]
+                 key="0", usable=None) -> list[tuple[int, int]]:
+    """(chosen, rejected) sibling indices. Pairs whose two texts are equal teach nothing, and a
+    leaf without text (or not `usable`: a cut reply that is dropped) cannot be trained on, so
+    they are left out before any sampling. 'max_k' and 'one' sample without replacement with a
+    generator seeded by `key` (seed + parent id), so reruns and resumed runs pick the same
+    pairs."""
+    usable = [bool(t.strip()) and (usable is None or usable[i]) for i, t in enumerate(texts)]
     all_pairs = [(p, q) for p in range(len(texts)) for q in range(len(texts))
                  if labels[p] and not labels[q] and usable[p] and usable[q]
                  and texts[p] != texts[q]]
@@ -216,22 +257,25 @@ def select_pairs(texts: list[str], labels: list[bool], mode="all", max_pairs=Non
 
 
 def summarize(scored: list[dict], theta: Fraction, sft: dict, dpo: dict) -> dict:
-    """Per role: positives, negatives, SFT rows, pairs; per level: node count and mean value."""
-    nodes = {role: [] for role in ROLES}  # (value, positive) of every node, pooled over trees
+    """Per role: positives, negatives, SFT rows, pairs, replies cut by the token budget (count
+    and fraction); per level: node count and mean value."""
+    nodes = {role: [] for role in ROLES}  # (value, positive, cut) of every node, over all trees
     for tree in scored:
         for g in tree["generations"]:
-            nodes["generator"].append((g["value"], g["positive"]))
+            nodes["generator"].append((g["value"], g["positive"], is_cut(g)))
             for v in g["verifications"]:
-                nodes["verifier"].append((v["value"], v["positive"]))
+                nodes["verifier"].append((v["value"], v["positive"], is_cut(v)))
                 for r in v["refinements"]:
-                    nodes["refiner"].append((r["reward"], _leaf_positive(r, theta)))
+                    nodes["refiner"].append((r["reward"], _leaf_positive(r, theta), is_cut(r)))
     roles, levels = {}, {}
     for role in ROLES:
-        pos = sum(1 for _, p in nodes[role] if p)
+        pos = sum(1 for _, p, _ in nodes[role] if p)
+        cut = sum(1 for _, _, c in nodes[role] if c)
         roles[role] = {"positives": pos, "negatives": len(nodes[role]) - pos,
-                       "sft": len(sft[role]), "pairs": len(dpo[role])}
+                       "sft": len(sft[role]), "pairs": len(dpo[role]), "cut": cut,
+                       "cut_fraction": cut / len(nodes[role])}
         levels[role] = {"nodes": len(nodes[role]),
-                        "mean_value": sum(v for v, _ in nodes[role]) / len(nodes[role])}
+                        "mean_value": sum(v for v, _, _ in nodes[role]) / len(nodes[role])}
     return {"questions": len(scored), "roles": roles, "levels": levels}
 
 

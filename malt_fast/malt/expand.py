@@ -40,11 +40,19 @@ def level_sampling(cfg: dict) -> dict[str, LevelSampling]:
     return out
 
 
+def reply(node: dict) -> dict:
+    """A reply's text, why it ended ("eos" | "stop" | "length": cut by the token budget) and how
+    many tokens it generated."""
+    return {"text": node["text"], "finish": node["finish"], "tokens": len(node["tokens"])}
+
+
 def tree_record(example: Example, raw: dict) -> dict:
-    """The engine's tree (texts + token ids) -> the DESIGN.md record, leaves scored."""
+    """The engine's tree (texts + token ids) -> the trees.jsonl record, leaves scored."""
+    def answer(node):
+        return extract_answer(node["text"], example.dataset, example.choices)
+
     def leaf(node):
-        return {"text": node["text"],
-                "answer": extract_answer(node["text"], example.dataset, example.choices),
+        return {**reply(node), "answer": answer(node),
                 "reward": reward(node["text"], example.gold, example.dataset, example.choices)}
 
     rec = {"id": example.id, "dataset": example.dataset, "question": example.question,
@@ -52,9 +60,8 @@ def tree_record(example: Example, raw: dict) -> dict:
     if example.choices:
         rec["choices"] = example.choices
     rec["generations"] = [
-        {"text": g["text"],
-         "answer": extract_answer(g["text"], example.dataset, example.choices),
-         "verifications": [{"text": v["text"], "refinements": [leaf(r) for r in v["refinements"]]}
+        {**reply(g), "answer": answer(g),
+         "verifications": [{**reply(v), "refinements": [leaf(r) for r in v["refinements"]]}
                            for v in g["verifications"]]}
         for g in raw["generations"]]
     return rec

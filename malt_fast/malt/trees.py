@@ -19,14 +19,17 @@ LEVELS = ("generations", "verifications", "refinements")
 _TOP = {"id": str, "dataset": str, "question": str, "gold": str, "choices": dict,
         "generations": list, "meta": dict}
 _REQUIRED_TOP = ("id", "dataset", "question", "gold", "generations")
-# per level: allowed fields and their types; "meta" is free-form for tools that need extra data
+# per level: allowed fields and their types; "meta" is free-form for tools that need extra data.
+# "finish" is why the reply ended (FINISHES; "length": cut by the token budget) and "tokens" how
+# many tokens it generated; trees written before they were recorded lack both.
+_REPLY = {"text": str, "finish": str, "tokens": int, "meta": dict}
 _NODE = {
-    "generations": {"text": str, "value": (int, float), "positive": bool,
-                    "answer": (str, type(None)), "verifications": list, "meta": dict},
-    "verifications": {"text": str, "value": (int, float), "positive": bool,
-                      "refinements": list, "meta": dict},
-    "refinements": {"text": str, "answer": (str, type(None)), "reward": int, "meta": dict},
+    "generations": {**_REPLY, "value": (int, float), "positive": bool,
+                    "answer": (str, type(None)), "verifications": list},
+    "verifications": {**_REPLY, "value": (int, float), "positive": bool, "refinements": list},
+    "refinements": {**_REPLY, "answer": (str, type(None)), "reward": int},
 }
+FINISHES = ("eos", "stop", "length")
 _TYPE_NAMES = {str: "a string", dict: "an object", list: "a list", bool: "true/false",
                int: "an integer"}
 
@@ -95,6 +98,11 @@ def _check_level(nodes: list, depth: int, expected, where: str, path: str, seen:
         child = LEVELS[depth + 1] if depth + 1 < len(LEVELS) else None
         required = ("text", child) if child else ()
         _check_fields(node, _NODE[level], required, where, here + ".")
+        if node.get("finish", "eos") not in FINISHES:
+            raise fail(where, f"field '{here}.finish': expected one of {', '.join(FINISHES)}, "
+                              f"got {node['finish']!r}")
+        if node.get("tokens", 0) < 0:
+            raise fail(where, f"field '{here}.tokens': expected a count >= 0, got {node['tokens']}")
         if child:
             _check_level(node[child], depth + 1, expected, where, f"{here}.{child}", seen)
         elif "text" not in node and "reward" not in node:

@@ -219,24 +219,46 @@ def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def encode_parts(tok, prompt: list[dict], completion: str, max_len: int) -> tuple[list, list]:
-    """(prompt_ids, completion_ids) with the chat template applied exactly as at rollout; the
-    completion includes its end-of-turn tokens. At most max_len tokens together, cut from the
-    end."""
+_SENTINEL = "\x00REPLY\x00"
+
+
+def turn_closing(tok, prompt: list[dict]) -> str:
+    """The text the chat template puts after an assistant reply's content (SmolLM2:
+    "<|im_end|>\n"): what an open turn (a reply cut by the token budget) leaves out."""
+    text = tok.chat_text(prompt + [{"role": "assistant", "content": _SENTINEL}],
+                         add_generation_prompt=False)
+    return text[text.rindex(_SENTINEL) + len(_SENTINEL):]
+
+
+def encode_parts(tok, prompt: list[dict], completion: str, max_len: int,
+                 closed: bool = True) -> tuple[list, list]:
+    """(prompt_ids, completion_ids) with the chat template applied exactly as at rollout. A
+    closed completion includes its end-of-turn tokens; an open one (`closed=False`: a reply cut
+    by the token budget, which did not choose to stop) ends at its last content token. At most
+    max_len tokens together, cut from the end."""
     head = tok.apply_chat_template(prompt, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
                                    add_generation_prompt=False)
     if full[:len(head)] == head:
-        return head[:max_len], full[len(head):max_len]
-    # A completion starting with whitespace can merge with the template's last token (the
-    # newline after "assistant") when the whole text is re-encoded. The rollout saw the prompt's
-    # ids and then the reply's own tokens, so split at the text boundary instead.
-    head_text = tok.chat_text(prompt, add_generation_prompt=True)
-    full_text = tok.chat_text(prompt + [{"role": "assistant", "content": completion}],
-                              add_generation_prompt=False)
-    if not full_text.startswith(head_text):
-        raise MaltError("the chat template does not render a prompt as a prefix of prompt + answer")
-    return head[:max_len], tok.encode(full_text[len(head_text):])[:max(0, max_len - len(head))]
+        body = full[len(head):]
+    else:
+        # A completion starting with whitespace can merge with the template's last token (the
+        # newline after "assistant") when the whole text is re-encoded. The rollout saw the
+        # prompt's ids and then the reply's own tokens, so split at the text boundary instead.
+        head_text = tok.chat_text(prompt, add_generation_prompt=True)
+        full_text = tok.chat_text(prompt + [{"role": "assistant", "content": completion}],
+                                  add_generation_prompt=False)
+        if not full_text.startswith(head_text):
+            raise MaltError("the chat template does not render a prompt as a prefix of prompt + "
+                            "answer")
+        body = tok.encode(full_text[len(head_text):])
+    if not closed:
+        closing = tok.encode(turn_closing(tok, prompt))
+        if closing and body[-len(closing):] == closing:
+            body = body[:-len(closing)]
+        else:  # the closing merged with the reply's last characters: encode the content alone
+            body = tok.encode(completion)
+    return head[:max_len], body[:max(0, max_len - len(head))]
 
 
 def joined(seq: tuple[list, list]) -> tuple[list, list]:
@@ -505,7 +527,8 @@ class Trainer:
         if phase == "sft":
             path = self.data_dir / f"sft_{role}.jsonl"
             rows = read_rows(path, ("prompt", "completion"))
-            items = [encode_parts(self.tok, r["prompt"], r["completion"], max_len) for r in rows]
+            items = [encode_parts(self.tok, r["prompt"], r["completion"], max_len,
+                                  closed=not r.get("cut", False)) for r in rows]
             kept = [s for s in items if s[1]]
             if len(kept) < len(items):
                 self.log(f"{path}: {len(items) - len(kept)} rows dropped (prompt alone fills "
@@ -518,9 +541,9 @@ class Trainer:
             rows = read_rows(path, ("prompt", "chosen", "rejected"))
             items = []
             for r in rows:
-                chosen = encode_parts(self.tok, r["prompt"], r["chosen"], max_len)
-                rejected = encode_parts(self.tok, r["prompt"], r["rejected"], max_len)
-                items.append((chosen, rejected))
+                items.append(tuple(encode_parts(self.tok, r["prompt"], r[side], max_len,
+                                                closed=not r.get(f"{side}_cut", False))
+                                   for side in ("chosen", "rejected")))
             keys = [tuple(c[0]) for c, _ in items]
         return PhaseData(path, items, prompt_groups(keys))
 

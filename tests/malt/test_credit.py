@@ -262,3 +262,82 @@ def test_star_set_keeps_generations_with_a_correct_answer(tmp_path):
     assert summary["star"] == {"sft": 1}
     # MALT's generator set is the opposite here: g1 and g3 have V = 1 (g3 dropped: no text)
     assert [r["id"] for r in read_jsonl(out / "sft_generator.jsonl")] == ["s/g1"]
+
+
+# ------------------------------------------------------------------ replies cut by the budget
+
+
+def finish(tree, cut_paths):
+    """Every reply gets finish/tokens; the (i,), (i, j) or (i, j, k) paths in cut_paths were
+    cut by the token budget."""
+    for i, g in enumerate(tree["generations"]):
+        for j, v in enumerate(g["verifications"]):
+            for k, r in enumerate(v["refinements"]):
+                r.update(finish="length" if (i, j, k) in cut_paths else "eos", tokens=9)
+            v.update(finish="length" if (i, j) in cut_paths else "stop", tokens=7)
+        g.update(finish="length" if (i,) in cut_paths else "eos", tokens=5)
+    return tree
+
+
+# TREE_N3 with cuts, by hand:
+#   g1 (positive, V = 5/9) is cut: no generator SFT row for it, no pair g1>g2 -> 1 SFT, 1 pair.
+#   Its subtree still counts: V(g1) stays 5/9, so the value iteration is unchanged.
+#   g1/v0 (positive) is cut: verifier pairs under g1 were v0>v2, v1>v2 -> only v1>v2; SFT 5 -> 4.
+#   g1/v1/r0 (a correct leaf: reward 1, still scored) and g1/v2/r1 (a wrong leaf) are cut: the
+#   refiner pairs under g1 were v0: 2x1, v1: 2x1, v2: 1x2 = 6 -> v1: 1x1, v2: 1x1 -> 4;
+#   refiner SFT 14 -> 13.
+CUTS = {(1,), (1, 0), (1, 1, 0), (1, 2, 1)}
+
+
+def test_cut_replies_are_never_targets_by_default(tmp_path):
+    out = tmp_path / "out"
+    summary = run_credit(write(tmp_path, finish(make_tree("q", TREE_N3), CUTS)), out)
+    assert counts(summary) == {"generator": (2, 1, 1), "verifier": (5, 4, 1),
+                               "refiner": (14, 13, 4)}
+    roles = summary["roles"]
+    assert [roles[r]["sft"] for r in ("generator", "verifier", "refiner")] == [1, 4, 13]
+    assert [(roles[r]["cut"], roles[r]["cut_fraction"]) for r in roles] == \
+        [(1, 1 / 3), (1, 1 / 9), (2, 2 / 27)]
+    assert summary["cut_replies"] == "drop"
+    (scored,) = read_jsonl(out / "trees.jsonl")
+    g1 = scored["generations"][1]
+    assert g1["value"] == pytest.approx(5 / 9) and g1["finish"] == "length" and g1["tokens"] == 5
+    assert g1["verifications"][1]["refinements"][0]["reward"] == 1  # cut, and still scored
+    cut_texts = {"q solution 1", "q critique 1.0", g1["verifications"][1]["refinements"][0]["text"],
+                 g1["verifications"][2]["refinements"][1]["text"]}
+    for role in ("generator", "verifier", "refiner"):
+        for row in read_jsonl(out / f"sft_{role}.jsonl"):
+            assert row["completion"] not in cut_texts and "cut" not in row
+        for row in read_jsonl(out / f"dpo_{role}.jsonl"):
+            assert row["chosen"] not in cut_texts and row["rejected"] not in cut_texts
+    assert [r["id"] for r in read_jsonl(out / "dpo_verifier.jsonl")] == ["q/g1/v1>v2"]
+
+
+def test_cut_replies_keep_marks_them(tmp_path):
+    out = tmp_path / "out"
+    summary = run_credit(write(tmp_path, finish(make_tree("q", TREE_N3), CUTS)), out,
+                         cut_replies="keep")
+    assert counts(summary) == {"generator": (2, 1, 2), "verifier": (5, 4, 2),
+                               "refiner": (14, 13, 6)}
+    assert summary["roles"]["refiner"]["cut"] == 2 and summary["cut_replies"] == "keep"
+    gen = read_jsonl(out / "sft_generator.jsonl")
+    assert [(r["id"], r.get("cut", False)) for r in gen] == [("q/g0", False), ("q/g1", True)]
+    marks = {r["id"]: (r.get("chosen_cut", False), r.get("rejected_cut", False))
+             for r in read_jsonl(out / "dpo_refiner.jsonl")}
+    assert marks["q/g1/v1/r0>r2"] == (True, False) and marks["q/g1/v2/r0>r1"] == (False, True)
+    assert marks["q/g1/v0/r0>r2"] == (False, False)
+    assert read_jsonl(out / "dpo_generator.jsonl")[1]["chosen_cut"] is True
+
+
+def test_trees_without_finish_load_as_finished_and_say_so_once(tmp_path):
+    said = []
+    out = tmp_path / "out"
+    path = write(tmp_path, make_tree("a", TREE_N3), make_tree("b", TREE_N2))
+    summary = run_credit(path, out, log=said.append)
+    assert len(said) == 1
+    assert said[0].startswith(f"{path}: 53 replies have no 'finish'") and "finished" in said[0]
+    assert all(s["cut"] == 0 for s in summary["roles"].values())
+    assert counts(summary)["refiner"] == (14 + 4, 13 + 4, 6 + 2)
+    said.clear()
+    run_credit(write(tmp_path, finish(make_tree("a", TREE_N3), set())), out, log=said.append)
+    assert said == []

@@ -137,3 +137,19 @@ def test_complete_last_line_without_newline_is_kept(tmp_path):
     with TreeWriter(path) as w:
         w.write(tree("b"))
     assert [t["id"] for t in read_trees(path)] == ["a", "b"]
+
+
+def test_finish_and_tokens_are_checked():
+    t = tree()
+    t["generations"][0]["finish"] = "length"
+    t["generations"][0]["tokens"] = 48
+    validate_tree(t, "f:1")
+    t["generations"][1]["verifications"][0]["finish"] = "timeout"
+    assert error_of(t) == ("trees.jsonl:7: field 'generations[1].verifications[0].finish': "
+                           "expected one of eos, stop, length, got 'timeout'")
+    t = tree()
+    t["generations"][0]["verifications"][0]["refinements"][1]["tokens"] = -1
+    assert "'generations[0].verifications[0].refinements[1].tokens': expected a count >= 0" \
+        in error_of(t)
+    t["generations"][0]["verifications"][0]["refinements"][1]["tokens"] = "12"
+    assert "refinements[1].tokens': expected an integer, got str" in error_of(t)

@@ -14,7 +14,7 @@ from malt_fast.model import load_model, load_tokenizer, save_model
 from malt_fast.model.lora import set_adapter
 from malt_fast.train.losses import completion_mask, token_logprobs
 from test_train_packing import random_llama
-from malt_fast.train.trainer import TrainConfig, Trainer, collate, encode_pair
+from malt_fast.train.trainer import TrainConfig, Trainer, collate, encode_pair, encode_parts
 
 QUESTIONS = [f"What is {a} plus {b}?" for a, b in [(2, 3), (4, 4), (7, 1), (5, 6), (9, 2), (3, 8)]]
 
@@ -73,6 +73,41 @@ def test_encode_pair_completion_starting_with_whitespace(tok):
         assert ids[:len(head)] == head and all(x == -100 for x in labels[:len(head)])
         text = tok.decode([t for t in labels if t != -100], skip_special_tokens=False)
         assert text.startswith(completion + "<|im_end|>")
+
+
+def test_a_cut_reply_is_an_open_turn(tok):
+    """closed=False (a reply cut by the token budget): the same tokens up to the content's end,
+    and no end-of-turn token after it to learn."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    for completion in ("1. 4 * 1 = 4.\n2. 4 + 1 =", " 5 +", "Final Answer:"):
+        head, closed = encode_parts(tok, prompt, completion, 512)
+        head_open, open_ = encode_parts(tok, prompt, completion, 512, closed=False)
+        assert head_open == head and closed[:len(open_)] == open_
+        assert tok.decode(open_, skip_special_tokens=False) == completion
+        assert tok.decode(closed[len(open_):], skip_special_tokens=False) == "<|im_end|>\n"
+        assert not set(open_) & set(tok.eos_token_ids)
+
+
+def test_trainer_reads_cut_marks(tok, tmp_path):
+    """Rows credit wrote with cut_replies: keep train their cut sides without the end-of-turn
+    (labels end at the content); the other sides keep theirs."""
+    d = tmp_path / "data"
+    d.mkdir()
+    prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
+    rows = [{"id": "a", "prompt": prompt, "completion": "2 + 3 = 5.", "cut": True},
+            {"id": "b", "prompt": prompt, "completion": "It is 5."}]
+    (d / "sft_verifier.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pair = {"id": "a>b", "prompt": prompt, "chosen": "2 + 3 = 5.", "rejected": "2 + 3 =",
+            "rejected_cut": True}
+    (d / "dpo_verifier.jsonl").write_text(json.dumps(pair) + "\n")
+    trainer = Trainer(random_llama(tok.vocab_size), tok, d, tmp_path / "out",
+                      TrainConfig(roles=("verifier",)), log=lambda *_: None)
+    eot = set(tok.eos_token_ids)
+    (_, cut), (_, done) = trainer.phase_data("verifier", "sft").items
+    assert cut[-1] not in eot and not set(cut) & eot
+    assert eot & set(done[-2:])
+    ((_, chosen), (_, rejected)), = trainer.phase_data("verifier", "dpo").items
+    assert eot & set(chosen[-2:]) and not set(rejected) & eot
 
 
 def test_sft_then_dpo_per_role(model_dir, tok, tmp_path):
