@@ -57,7 +57,9 @@ DEFAULTS = {
     "n": 3,                   # branches per level (paper: 3)
     "chunk_questions": 8,     # questions expanded together (one seed per chunk, see expand.py)
     "rounds": 1,              # iterative MALT: expand -> credit -> train this many times
-    "sampling": {"temperature": 0.3, "top_p": 1.0, "top_k": 0,
+    # stop_after_answer: the generator's and refiner's replies end with their "Final Answer:"
+    # line (malt.expand.level_sampling)
+    "sampling": {"temperature": 0.3, "top_p": 1.0, "top_k": 0, "stop_after_answer": True,
                  "max_new_tokens": {"generator": 160, "verifier": 128, "refiner": 160}},
     # cache_tokens: the KV pool per engine (role); merge_adapters: trained roles decode merged
     # copies of their adapted weights (faster, more memory; Run.engine)
@@ -134,6 +136,9 @@ def _check(cfg: dict, source) -> None:
     for name in ("questions", "chains"):
         if not _is_int(e[name]) or e[name] < 1:
             bad(f"evaluate.{name}", f"expected an integer >= 1, got {e[name]!r}")
+    if not isinstance(cfg["sampling"]["stop_after_answer"], bool):
+        bad("sampling.stop_after_answer", f"expected true or false, got "
+                                          f"{cfg['sampling']['stop_after_answer']!r}")
     if not isinstance(cfg["engine"]["merge_adapters"], bool):
         bad("engine.merge_adapters", f"expected true or false, got "
                                      f"{cfg['engine']['merge_adapters']!r}")

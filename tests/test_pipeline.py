@@ -382,3 +382,16 @@ def test_combine_seeds_is_one_evaluation_over_all_seeds():
     assert got["methods"]["MALT"]["per_seed"] == [0.5, 1.0]  # round 1's MALT not copied
     assert got["transitions"] == {"MA": base["transitions"]["MA"],
                                   "MALT": {"wrong_to_right": 2, "right_to_wrong": 0, "chains": 12}}
+
+
+def test_stop_after_answer_ends_generator_and_refiner_turns():
+    from malt_fast.errors import MaltError
+    from malt_fast.malt.expand import level_sampling
+    from malt_fast.pipeline import resolve
+
+    on = level_sampling(resolve({}))
+    assert [on[r].stop_line for r in ROLES] == [("Final Answer:",), (), ("Final Answer:",)]
+    off = level_sampling(resolve({"sampling": {"stop_after_answer": False}}))
+    assert all(off[r].stop_line == () for r in ROLES)
+    with pytest.raises(MaltError, match="'sampling.stop_after_answer': expected true or false"):
+        resolve({"sampling": {"stop_after_answer": "yes"}})

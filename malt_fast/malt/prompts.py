@@ -21,6 +21,8 @@ from malt_fast.errors import MaltError, fail
 from malt_fast.malt.answers import answer_family
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "configs" / "prompts.yaml"
+# the line the generator's and refiner's instructions ask them to end with
+ANSWER_MARKER = "Final Answer:"
 FAMILIES = ("math", "multiple_choice")
 _KEYS = ("system", "question", "verifier", "refiner")
 _FIELDS = {"question": {"question", "choices"}, "system": set(), "verifier": set(),

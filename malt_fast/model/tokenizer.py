@@ -3,6 +3,7 @@ transformers, and the BPE vocabulary + merges + chat template embedded in a GGUF
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from malt_fast.errors import MaltError, fail
@@ -34,6 +35,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    @functools.cached_property
+    def newline_ids(self) -> frozenset[int]:
+        """Ids of the tokens whose text holds a line break: the only tokens after which a
+        "line ends the reply" rule needs to look at the text (rollout's `stop_line`)."""
+        texts = self.hf.batch_decode([[i] for i in range(self.vocab_size)])
+        return frozenset(i for i, t in enumerate(texts) if "\n" in t)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)

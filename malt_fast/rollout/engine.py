@@ -7,7 +7,9 @@ loop admits requests while decode slots and cache blocks allow, prefills what th
 A branch that ends frees its slot at once and the next waiting request takes it.
 
 Completions include the EOS token when the model emitted one (as `transformers.generate` does);
-a completion cut by a stop string excludes the stop string and has no EOS.
+a completion cut by a stop string excludes the stop string and has no EOS. A request's
+`stop_line` markers end a reply at the end of the first line holding one of them (e.g. "Final
+Answer:": the answer line is the reply's last), the line break excluded; both finish as "stop".
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Request:
     keep: bool = False  # leave each finished branch's sequence in the cache (for children)
     on_done: Callable[["Request", list["Completion"]], None] | None = None
     tag: Any = None  # the caller's data, handed back untouched through on_done
+    stop_line: tuple[str, ...] = ()  # the reply ends with the first line holding one of these
 
 
 @dataclass
@@ -161,6 +164,8 @@ class Engine:
 
     def run(self, requests: list[Request]) -> dict:
         """Serve the requests (and any a callback submits) to completion; returns the stats."""
+        if self.tokenizer is None and any(r.stop or r.stop_line for r in requests):
+            raise MaltError("stop strings and stop lines need the engine to have a tokenizer")
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
         t0 = time.perf_counter()
@@ -378,6 +383,10 @@ class Engine:
         elif req.stop and (cut := self._stop_cut(b.tokens, req.stop)) is not None:
             b.result = Completion(cut[0], "stop", text=cut[1])
             b.unchanged = cut[2]
+        elif req.stop_line and tok in self.tokenizer.newline_ids \
+                and (cut := self._line_cut(b.tokens, req.stop_line)) is not None:
+            b.result = Completion(cut[0], "stop", text=cut[1])
+            b.unchanged = cut[2]
         elif len(b.tokens) >= req.max_new_tokens:
             b.result = Completion(list(b.tokens), "length")
 
@@ -392,7 +401,28 @@ class Engine:
         hits = [i for i in (text.find(s) for s in stop) if i >= 0]
         if not hits:
             return None
-        cut = text[: min(hits)]
+        return self._cut_at(tokens, text[: min(hits)])
+
+    def _line_cut(self, tokens: list[int], markers: tuple[str, ...]):
+        """As _stop_cut, if the text now holds a line break after one of `markers`: the ids
+        decode to exactly the text up to that line break."""
+        text = self.tokenizer.decode(tokens)
+        ends = []
+        for marker in markers:
+            at = text.find(marker)
+            if at < 0:
+                continue
+            nl = text.find("\n", at + len(marker))
+            while nl >= 0 and not text[at + len(marker):nl].strip():  # "Final Answer:\n5"
+                nl = text.find("\n", nl + 1)
+            if nl >= 0:
+                ends.append(nl)
+        return self._cut_at(tokens, text[:min(ends)]) if ends else None
+
+    def _cut_at(self, tokens: list[int], cut: str):
+        """(token ids, `cut`, count of unchanged sampled tokens): ids that decode to exactly
+        `cut`, a prefix of the tokens' text."""
+        tok = self.tokenizer
         m = len(tokens)
         while m and not cut.startswith(tok.decode(tokens[:m])):
             m -= 1

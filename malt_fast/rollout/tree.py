@@ -47,6 +47,7 @@ class LevelSampling:
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    stop_line: tuple[str, ...] = ()  # the reply ends with the first line holding one of these
 
     def params(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k)
@@ -137,7 +138,7 @@ def _node(c: Completion) -> dict:
 def _request(level: int, ctx: list[int], n: int, s: LevelSampling, seed: int, path: tuple,
              **kw) -> Request:
     return Request(ctx, n, s.max_new_tokens, s.params(), tuple(s.stop), seed, (level,) + path,
-                   **kw)
+                   stop_line=tuple(s.stop_line), **kw)
 
 
 def _expand_shared(engines, transcript, questions, trees, n, sampling, seed) -> dict:

@@ -91,6 +91,41 @@ def test_stop_string_cuts_exactly(smol):
         assert tok.decode(cut) == expected
 
 
+def test_stop_line_ends_the_reply_with_the_markers_line(smol):
+    """`stop_line`: the reply ends at the first line break after a marker (past any blank
+    text right after it), the line break excluded; the ids decode to exactly that text."""
+    from malt_fast.rollout.engine import Request
+
+    ours, tok, _ = smol
+    prompt = tok.apply_chat_template([{"role": "user", "content": "List four fruits, one per "
+                                                                  "line, numbered."}])
+    eng = Engine(ours, tok, progress=False)
+
+    def reply(markers):
+        got = []
+        eng.run([Request(prompt, 1, 60, stop_line=markers,
+                         on_done=lambda req, comps: got.extend(comps))])
+        return got[0]
+
+    full = reply(())
+    text = tok.decode(full.tokens)
+    lines = text.split("\n")
+    assert len([ln for ln in lines if ln.strip()]) >= 3, text  # a multi-line reply to cut
+    second = next(i for i, ln in enumerate(lines) if i and ln.strip())
+    marker = lines[second].strip()[:4]
+    at = text.find(marker)
+    expected = text[:text.find("\n", at + len(marker))]
+    for markers in ((marker,), ("\x01never", marker)):
+        got = reply(markers)
+        assert got.finish == "stop" and got.text == expected and tok.decode(got.tokens) == expected
+    assert reply(("\x01never",)).tokens == full.tokens
+    # a marker ending its line: the reply runs on to the next line with text in it
+    end_of_line = lines[second][-3:]
+    got = reply((end_of_line,))
+    nxt = next(i for i in range(second + 1, len(lines)) if lines[i].strip())
+    assert got.text == "\n".join(lines[:nxt + 1])
+
+
 def test_seeds_reproduce_and_differ(tiny):
     _, ours = tiny
     eng = Engine(ours, None, block_size=4, progress=False)
