@@ -20,8 +20,8 @@
 //
 // Arithmetic: K rows are dotted with query rows in register tiles (3 query rows x 4 tokens,
 // vectorised along D), exp is a vectorised polynomial (Cephes expf, ~1 ulp), and P.V runs in
-// tiles of 3 query rows x 32 dims; AVX2+FMA when the compiler targets it and D % 8 == 0,
-// plain loops otherwise. The FLOPs are those of the per-row kernel (every (row, head) still
+// tiles of 3 query rows x 32 dims; AVX2+FMA when the CPU has them and D % 8 == 0 (chosen at
+// run time, cpu_isa.h), plain loops otherwise. The FLOPs are those of the per-row kernel (every (row, head) still
 // scores every token it attends); what sharing saves is memory traffic and per-block overhead,
 // what the tiles save is instructions per FMA.
 #include <torch/extension.h>
@@ -35,10 +35,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MALT_DECODE_AVX2 1
-#endif
+#include "cpu_isa.h"
 
 namespace {
 
@@ -151,30 +148,10 @@ void run_scalar(const Run& r) {
   }
 }
 
-#ifdef MALT_DECODE_AVX2
+#ifdef MALT_X86
 // ---------------------------------------------------------------- AVX2 + FMA, D % 8 == 0
-
-// exp(x) for x <= 0 (scores minus a max; old max minus new max): Cephes expf, range reduction
-// x = k ln2 + r, degree-6 polynomial in r, times 2^k. Below -87.3 (incl. -inf) it returns 0.
-inline __m256 exp_nonpos(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  const __m256 zero = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(lo, x);  // NaN stays NaN (max_ps returns its second operand then)
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(zero, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
 
 // the tiles' constant-bound loops, unrolled so that their __m256 arrays live in registers (without
 // it GCC keeps them on the stack and stores every accumulator on every token)
@@ -298,7 +275,7 @@ void run_avx2(const Run& r) {
   int64_t j = 0;
   for (; j + 8 <= M; j += 8) {
     const __m256 nm = _mm256_loadu_ps(r.bmax + j);
-    _mm256_storeu_ps(r.corr + j, exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(r.m + j), nm)));
+    _mm256_storeu_ps(r.corr + j, malt_isa::exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(r.m + j), nm)));
     _mm256_storeu_ps(r.m + j, nm);
   }
   if (j < M) {  // the last M % 8 rows, through a mask
@@ -306,14 +283,14 @@ void run_avx2(const Run& r) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(M - j)), lanes);
     const __m256 nm = _mm256_maskload_ps(r.bmax + j, mask);
     const __m256 old = _mm256_maskload_ps(r.m + j, mask);
-    _mm256_maskstore_ps(r.corr + j, mask, exp_nonpos(_mm256_sub_ps(old, nm)));
+    _mm256_maskstore_ps(r.corr + j, mask, malt_isa::exp_nonpos8(_mm256_sub_ps(old, nm)));
     _mm256_maskstore_ps(r.m + j, mask, nm);
   }
   for (int64_t i = 0; i < M; ++i) {
     const __m256 mx = _mm256_set1_ps(r.m[i]);
     __m256 sum = _mm256_setzero_ps();
     for (int64_t t = 0; t < sp; t += 8) {
-      const __m256 p = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(r.s + i * sp + t), mx));
+      const __m256 p = malt_isa::exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(r.s + i * sp + t), mx));
       _mm256_storeu_ps(r.s + i * sp + t, p);
       sum = _mm256_add_ps(sum, p);
     }
@@ -328,11 +305,12 @@ void run_avx2(const Run& r) {
     pv_rows<2>(r.s + i * sp, sp, n, r.v, r.vs, r.acc + i * D, D, r.corr + i);
   for (; i < M; ++i) pv_rows<1>(r.s + i * sp, sp, n, r.v, r.vs, r.acc + i * D, D, r.corr + i);
 }
+#pragma GCC pop_options
 #endif
 
 inline void run_block(const Run& r) {
-#ifdef MALT_DECODE_AVX2
-  if (r.D % 8 == 0) return run_avx2(r);
+#ifdef MALT_X86
+  if (r.D % 8 == 0 && malt_isa::avx2_fma()) return run_avx2(r);
 #endif
   run_scalar(r);
 }

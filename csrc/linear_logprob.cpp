@@ -15,15 +15,36 @@
 #include <limits>
 #include <tuple>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"
 
 namespace {
 
 // The per-tile softmax work is ~100M exp() calls per forward at benchmark sizes; scalar expf would
-// cost as much as the GEMMs, and libmvec cannot be linked from here, hence an AVX-512 exp.
-#ifdef __AVX512F__
+// cost as much as the GEMMs, and libmvec cannot be linked from here, hence vector exps: AVX-512
+// or AVX2 (whichever the CPU has, chosen once at run time), plain loops otherwise.
+struct RowOps {
+  float (*max)(const float* r, int64_t n);
+  float (*sum_exp)(const float* r, int64_t n, float shift);          // sum_j exp(r[j] - shift)
+  void (*scaled_exp)(float* r, int64_t n, float shift, float scale);  // r[j] <- scale e^(r-shift)
+};
+
+float max_plain(const float* r, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = r[j] > m ? r[j] : m;
+  return m;
+}
+float sum_exp_plain(const float* r, int64_t n, float shift) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += std::exp(r[j] - shift);
+  return s;
+}
+void scaled_exp_plain(float* r, int64_t n, float shift, float scale) {
+  for (int64_t j = 0; j < n; ++j) r[j] = scale * std::exp(r[j] - shift);
+}
+
+#ifdef MALT_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
 inline __m512 exp16(__m512 x) {
   // e^x = 2^n * e^r, n = round(x / ln2), |r| <= ln2/2; degree-7 Taylor for e^r (rel. err ~5e-9
   // before fp32 rounding). Clamping at -104 sends -inf (masked columns) to an exact 0 via scalef.
@@ -48,14 +69,14 @@ inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
-inline float row_max(const float* r, int64_t n) {
+float max_avx512(const float* r, int64_t n) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16)
     m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - j), r + j));
   return _mm512_reduce_max_ps(m);
 }
 
-inline float row_sum_exp(const float* r, int64_t n, float shift) {
+float sum_exp_avx512(const float* r, int64_t n, float shift) {
   __m512 s = _mm512_setzero_ps();
   const __m512 c = _mm512_set1_ps(shift);
   for (int64_t j = 0; j < n; j += 16) {
@@ -65,8 +86,7 @@ inline float row_sum_exp(const float* r, int64_t n, float shift) {
   return _mm512_reduce_add_ps(s);
 }
 
-// r[j] = scale * exp(r[j] - shift)
-inline void row_scaled_exp(float* r, int64_t n, float shift, float scale) {
+void scaled_exp_avx512(float* r, int64_t n, float shift, float scale) {
   const __m512 c = _mm512_set1_ps(shift), a = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = tail_mask(n - j);
@@ -74,21 +94,56 @@ inline void row_scaled_exp(float* r, int64_t n, float shift, float scale) {
     _mm512_mask_storeu_ps(r + j, k, _mm512_mul_ps(a, exp16(_mm512_sub_ps(v, c))));
   }
 }
-#else
-inline float row_max(const float* r, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = r[j] > m ? r[j] : m;
-  return m;
+#pragma GCC pop_options
+
+// AVX2: the arguments of exp are never positive here (a row minus its max, or minus its LSE)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+float max_avx2(const float* r, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(r + j));
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  float out = _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  for (; j < n; ++j) out = r[j] > out ? r[j] : out;
+  return out;
 }
-inline float row_sum_exp(const float* r, int64_t n, float shift) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += std::exp(r[j] - shift);
-  return s;
+
+float sum_exp_avx2(const float* r, int64_t n, float shift) {
+  __m256 s = _mm256_setzero_ps();
+  const __m256 c = _mm256_set1_ps(shift);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    s = _mm256_add_ps(s, malt_isa::exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(r + j), c)));
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  float out = _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  for (; j < n; ++j) out += std::exp(r[j] - shift);
+  return out;
 }
-inline void row_scaled_exp(float* r, int64_t n, float shift, float scale) {
-  for (int64_t j = 0; j < n; ++j) r[j] = scale * std::exp(r[j] - shift);
+
+void scaled_exp_avx2(float* r, int64_t n, float shift, float scale) {
+  const __m256 c = _mm256_set1_ps(shift), a = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(r + j, _mm256_mul_ps(a, malt_isa::exp_nonpos8(
+                                                 _mm256_sub_ps(_mm256_loadu_ps(r + j), c))));
+  for (; j < n; ++j) r[j] = scale * std::exp(r[j] - shift);
 }
+#pragma GCC pop_options
 #endif
+
+const RowOps& row_ops() {
+  static const RowOps ops = [] {
+#ifdef MALT_X86
+    if (malt_isa::avx512f()) return RowOps{max_avx512, sum_exp_avx512, scaled_exp_avx512};
+    if (malt_isa::avx2_fma()) return RowOps{max_avx2, sum_exp_avx2, scaled_exp_avx2};
+#endif
+    return RowOps{max_plain, sum_exp_plain, scaled_exp_plain};
+  }();
+  return ops;
+}
 
 constexpr int64_t kHiddenBudgetBytes = 64ll << 20;
 
@@ -132,11 +187,12 @@ Valid valid_tokens(const at::Tensor& targets, int64_t ignore_index, int64_t V) {
 void absorb_tile(const at::Tensor& z, float* lse, float* tgt, const int64_t* y, int64_t v0) {
   const int64_t rows = z.size(0), cols = z.size(1);
   const float* zp = z.data_ptr<float>();
+  const RowOps& ops = row_ops();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const float* r = zp + i * cols;
-      const float m = row_max(r, cols);
-      const float tile = m + std::log(row_sum_exp(r, cols, m));
+      const float m = ops.max(r, cols);
+      const float tile = m + std::log(ops.sum_exp(r, cols, m));
       const float hi = std::max(lse[i], tile), lo = std::min(lse[i], tile);
       lse[i] = hi + std::log1p(std::exp(lo - hi));  // lo = -inf on the first tile: exp -> 0
       const int64_t local = y[i] - v0;
@@ -149,11 +205,12 @@ void absorb_tile(const at::Tensor& z, float* lse, float* tgt, const int64_t* y, 
 void dlogits_tile(at::Tensor& z, const float* lse, const float* g, const int64_t* y, int64_t v0) {
   const int64_t rows = z.size(0), cols = z.size(1);
   float* zp = z.data_ptr<float>();
+  const RowOps& ops = row_ops();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       float* r = zp + i * cols;
       const float l = lse[i], gi = -g[i];
-      row_scaled_exp(r, cols, l, gi);
+      ops.scaled_exp(r, cols, l, gi);
       const int64_t local = y[i] - v0;
       if (local >= 0 && local < cols) r[local] += g[i];
     }

@@ -2,7 +2,12 @@
 // themselves with TORCH_LIBRARY_FRAGMENT(malt_fast, m); call them as torch.ops.malt_fast.<name>.
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "malt-fast CPU kernels (registered as torch.ops.malt_fast.*)";
   m.def("num_threads", []() { return at::get_num_threads(); });
+  // the vector path the kernels take on this CPU: "avx512", "avx2" or "plain" (MALT_FAST_ISA caps
+  // it); the decode attention kernel's widest is avx2
+  m.def("cpu_isa", []() { return std::string(malt_isa::name()); });
 }

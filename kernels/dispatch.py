@@ -50,12 +50,22 @@ def _check(hidden, weight, targets, ignore_index, backend):
         raise ValueError("linear_logprobs: backend 'triton' on CPU tensors needs "
                          "TRITON_INTERPRET=1 set before triton is imported")
     if hidden.device.type == "cpu" and targets.numel():
-        # a CUDA check would cost a host sync in the forward; the CPU one is free
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
         if bool(bad.any()):
             t = int(targets[bad][0])
             raise ValueError(f"linear_logprobs: target {t} is outside the vocabulary "
                              f"[0, {weight.shape[0]}) and is not ignore_index ({ignore_index})")
+    elif targets.numel():
+        assert_targets_in_vocab(targets, weight.shape[0], ignore_index)
+
+
+def assert_targets_in_vocab(targets, vocab: int, ignore_index: int) -> None:
+    """On the device, without a host sync: an out-of-range target (a tokenizer that does not
+    fit the model) stops the program with a device-side assert instead of reading another
+    row's memory. On CPU tensors it raises at once (the CPU path reports the target itself)."""
+    ok = (targets == ignore_index) | ((targets >= 0) & (targets < vocab))
+    torch._assert_async(ok.all(), f"linear_logprobs: a target is outside the vocabulary "
+                                  f"[0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
 def linear_logprobs(hidden, weight, targets, ignore_index=-100, backend=None):

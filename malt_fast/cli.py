@@ -1,4 +1,4 @@
-"""`malt-fast <stage>`: each stage is a function from files to files (see DESIGN.md)."""
+"""`malt-fast <stage>`: each stage is a function from files to files (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -61,30 +61,10 @@ def cmd_credit(args) -> None:
 
 
 def load_config(path, overrides: list[str]) -> dict:
-    """A YAML run config with `key.sub=value` overrides (values parsed as YAML)."""
-    from pathlib import Path
+    """A YAML config with `key.sub=value` overrides (values parsed as YAML), not yet checked."""
+    from malt_fast.config import read_yaml
 
-    import yaml
-
-    from malt_fast.errors import fail
-
-    path = Path(path)
-    if not path.is_file():
-        raise fail(path, "no such config file")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise fail(path, f"invalid YAML ({str(e).splitlines()[0]})") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise MaltError(f"--set {item}: expected key=value")
-        node = cfg
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
-    return cfg
+    return read_yaml(path, overrides)
 
 
 def cmd_train(args) -> None:
@@ -92,34 +72,55 @@ def cmd_train(args) -> None:
     from malt_fast.train.trainer import Trainer, job_config, load_job_model
 
     cfg = load_config(args.config, args.set)
-    if isinstance(cfg, dict) and cfg.get("deepspeed") is not None:
+    job = job_config(cfg, args.config)
+    if job.deepspeed is not None:
         # one DeepSpeed engine per role (docs/distributed.md)
         from malt_fast.train.distributed import train_from_config
 
         for role, path in train_from_config(cfg, args.config).items():
             print(f"{role}: {path}")
         return
-    train = job_config(cfg, args.config)
-    model, tok = load_job_model(cfg)
-    trainer = Trainer(model, tok, cfg["data"], cfg["out"], train, init_from=cfg.get("init"))
+    model, tok = load_job_model(job)
+    trainer = Trainer(model, tok, job.data, job.out, job.train, init_from=job.init)
     for role, path in trainer.run().items():
         print(f"{role}: {path}")
 
 
-def run_config(args) -> dict:
-    from malt_fast.pipeline import resolve
+def run_config(args, inputs: dict | None = None) -> dict:
+    """The command's run config, checked against the schema, and the paths it names checked
+    (malt_fast.pipeline.check_inputs, whose result goes into `inputs`): every mistake is found
+    here, before any weights load."""
+    from malt_fast.pipeline import check_inputs, resolve
 
     cfg = resolve(load_config(args.config, args.set), source=args.config)
     if getattr(args, "run_dir", None):
         cfg["run_dir"] = args.run_dir
+    found = check_inputs(cfg, args.config)
+    if inputs is not None:
+        inputs.update(found)
     return cfg
+
+
+def cmd_check(args) -> None:
+    """Check a run config and the files it names (seconds; no weights load); print it resolved."""
+    import yaml
+
+    inputs: dict = {}
+    cfg = run_config(args, inputs)
+    shown = {**cfg, **{k: inputs[k] for k in ("model", "tokenizer", "prompts")}}
+    print(f"# {args.config}: OK ({inputs['train_questions']} training and "
+          f"{inputs['test_questions']} test questions; paths resolved; docs/config.md explains "
+          "every field)")
+    print(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None, width=100), end="")
 
 
 def cmd_run(args) -> None:
     """expand -> credit -> train -> evaluate in one run directory, resuming what is done."""
-    from malt_fast.pipeline import run_pipeline
+    from malt_fast.pipeline import Run, run_pipeline
 
     cfg = run_config(args)
+    if args.restart:
+        Run(cfg).restart(args.restart)
     if args.profile:  # the same run, timed per phase, with a trace (docs/pipeline.md)
         from malt_fast.profile import profile_pipeline
 
@@ -142,6 +143,8 @@ def cmd_expand(args) -> None:
     from malt_fast.pipeline import Run
 
     run = Run(run_config(args), round=args.round or 1)
+    if args.restart:
+        run.restart("expand")
     run.start_round()  # round >= 2 expands with the previous round's adapters
     print(run.expand())
 
@@ -153,6 +156,8 @@ def cmd_evaluate(args) -> None:
 
     cfg = run_config(args)
     run = Run(cfg, round=args.round or cfg["rounds"])
+    if args.restart:
+        run.restart("evaluate")
     print(format_table(run.evaluate(trained=run.load_trained(),
                                     base=run.base_results())))
     print(f"report: {run.dir / 'eval' / 'report.md'}")
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("--prompts", default=None, help="prompts YAML (default configs/prompts.yaml)")
     credit.set_defaults(func=cmd_credit)
     for name, func in [("run", cmd_run), ("expand", cmd_expand), ("evaluate", cmd_evaluate),
-                       ("profile", cmd_profile)]:
+                       ("profile", cmd_profile), ("check", cmd_check)]:
         stage = sub.add_parser(name, help=func.__doc__)
         stage.add_argument("config", help="run config YAML (see configs/)")
         stage.add_argument("--run-dir", help="override the config's run_dir"
@@ -192,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             stage.add_argument("--profile", action="store_true",
                                help="time each phase; write RUN_DIR/profile/ (profile.md, trace)")
+            stage.add_argument("--restart", choices=["expand", "credit", "train", "evaluate"],
+                               help="delete this stage's outputs and the later stages', then run "
+                                    "(after a settings change that makes them stale)")
+        if name in ("expand", "evaluate"):
+            stage.add_argument("--restart", action="store_true",
+                               help=f"delete the {name} outputs (and the later stages') first")
         if name in ("run", "profile"):
             stage.add_argument("--no-trace", action="store_true",
                                help="with profiling: time the phases without torch.profiler")

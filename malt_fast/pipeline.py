@@ -23,10 +23,8 @@ into RUN_DIR, as they always have.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,166 +33,84 @@ from pathlib import Path
 
 import torch
 
+from malt_fast.config import STAR, round_thetas, run_dict, train_config
 from malt_fast.errors import MaltError
 from malt_fast.model.dtypes import placement
-from malt_fast.train.trainer import STAR
 
 ROLES = ("generator", "verifier", "refiner")
 
-DEFAULTS = {
-    "model": None,            # HF directory or .gguf; None = packaged SmolLM2-135M-Instruct
-    "tokenizer": None,        # defaults to the model path
-    "dtype": "float32",       # float32 | bfloat16 | float16 | auto (bf16 where it is fast)
-    "device": "auto",         # auto (cuda when available) | cpu | cuda | cuda:N
-    "threads": 0,             # torch CPU threads; 0 = torch's default
-    "seed": 0,
-    "dataset": "arith",       # packaged name or a .jsonl path
-    "difficulty": 1,          # for the generated arith task
-    "train_split": "train",
-    "test_split": "test",
-    "train_questions": 24,
-    "prompts": None,          # prompts YAML; None = configs/prompts.yaml
-    "n": 3,                   # branches per level (paper: 3)
-    "chunk_questions": 8,     # questions expanded together (one seed per chunk, see expand.py)
-    "rounds": 1,              # iterative MALT: expand -> credit -> train this many times
-    # stop_after_answer: the generator's and refiner's replies end with their "Final Answer:"
-    # line (malt.expand.level_sampling)
-    "sampling": {"temperature": 0.3, "top_p": 1.0, "top_k": 0, "stop_after_answer": True,
-                 "max_new_tokens": {"generator": 160, "verifier": 128, "refiner": 160}},
-    # cache_tokens: the KV pool per engine (role); merge_adapters: trained roles decode merged
-    # copies of their adapted weights (faster, more memory; Run.engine)
-    "engine": {"max_batch": 64, "cache_tokens": 24576, "merge_adapters": True},
-    # theta_schedule: None (every round uses theta), a list with one theta per round, or
-    # {start, end}: linear from start (round 1) to end (round k); cut_replies: replies cut by
-    # the token budget are left out of the training sets (drop) or trained as open turns (keep)
-    "credit": {"theta": 0.5, "pairs": "all", "max_pairs": None, "theta_schedule": None,
-               "cut_replies": "drop"},
-    "train": {},              # malt_fast.train.trainer.TrainConfig fields
-    "deepspeed": None,        # a JSON path or {config, nproc}: train under torchrun (below)
-    # star: also train and evaluate the STaR baseline (a single agent SFT'd on its own correct
-    # generations, credit.star_rows) in round 1
-    "evaluate": {"seeds": [0, 1, 2], "questions": 30, "chains": 3, "star": False},
-}
 ROUND_SEED_STRIDE = 1000  # round r samples with seed + 1000 (r - 1): new trees, same pairing rule
+STAGES = ("expand", "credit", "train", "evaluate")
+# The config fields each stage's outputs depend on (a section name stands for all its fields).
+# Speed-only settings (device, threads, engine) are left out: they do not change the result.
+STAGE_FIELDS = {
+    "expand": ("model", "tokenizer", "dtype", "seed", "dataset", "difficulty", "train_split",
+               "train_questions", "prompts", "n", "chunk_questions", "sampling"),
+    "credit": ("credit", "prompts"),
+    "train": ("train", "deepspeed", "evaluate.star"),
+    "evaluate": ("evaluate", "test_split", "sampling", "prompts"),
+}
 
 
 def resolve(cfg: dict, source="config") -> dict:
-    """Defaults filled in and every field checked; a bad one is a MaltError naming `source`
-    and the field (e.g. "run.yaml: field 'credit.theta_schedule': ...")."""
-    if not isinstance(cfg, dict):
-        raise MaltError(f"{source}: expected a mapping of fields at the top level")
-    unknown = sorted(set(cfg) - set(DEFAULTS) - {"run_dir"})
-    if unknown:
-        raise MaltError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
-    out = {}
-    for k, v in DEFAULTS.items():
-        given = cfg.get(k, v)
-        if isinstance(v, dict):
-            if given is not None and not isinstance(given, dict):
-                raise MaltError(f"{source}: field {k!r}: expected a mapping, "
-                                f"got {type(given).__name__}")
-            if k != "train":  # train's fields are TrainConfig's, checked below
-                extra = sorted(set(given or {}) - set(v))
-                if extra:
-                    raise MaltError(f"{source}: unknown field '{k}.{extra[0]}' "
-                                    f"(known: {', '.join(v)})")
-            out[k] = {**v, **(given or {})}
-        else:
-            out[k] = given
-    out["run_dir"] = cfg.get("run_dir", "runs/default")
-    _check(out, source)
+    """The run config checked against its schema (malt_fast.config): defaults filled in, a bad
+    field a MaltError naming `source` and the field. A DeepSpeed JSON is checked now too, not
+    after an expansion that may take hours."""
+    out = run_dict(cfg, source)
+    if out["deepspeed"] is not None:
+        from malt_fast.train.distributed import parse_spec, read_ds_config, resolve_ds_config
+
+        spec = parse_spec(out["deepspeed"], source)
+        resolve_ds_config(read_ds_config(spec.config), spec.config, train_config(out),
+                          spec.nproc, cuda=torch.cuda.is_available())
     return out
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def check_inputs(cfg: dict, source="config") -> dict:
+    """Every path the run will read, resolved and checked without loading any weights: the model
+    and tokenizer exist, the dataset's splits load and share no question, the prompts parse for
+    the dataset's family. Returns {model, tokenizer, prompts, train_questions,
+    test_questions}; a problem is a MaltError naming `source` and the field."""
+    from malt_fast.data import check_disjoint, load_split, smollm2_gguf
+    from malt_fast.malt.prompts import DEFAULT_PATH, load_prompts, prompt_family
 
+    def model_path(field, value):
+        path = Path(value)
+        if not (path.is_dir() and (path / "config.json").is_file()
+                or path.is_file() and path.suffix == ".gguf"):
+            raise MaltError(f"{source}: field '{field}': {value} is not a Hugging Face model "
+                            "directory (config.json) or a .gguf file")
+        return path
 
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    def tokenizer_path(value):
+        path = Path(value)
+        files = ("tokenizer.json", "tokenizer.model")
+        if not (path.is_file() and path.suffix == ".gguf"
+                or path.is_dir() and any((path / f).is_file() for f in files)):
+            raise MaltError(f"{source}: field 'tokenizer': {value} has no tokenizer.json or "
+                            "tokenizer.model (nor is it a .gguf file)")
+        return path
 
-
-def _check(cfg: dict, source) -> None:
-    def bad(field, problem):
-        raise MaltError(f"{source}: field {field!r}: {problem}")
-
-    for name, least in (("rounds", 1), ("n", 1), ("train_questions", 1),
-                        ("chunk_questions", 1), ("threads", 0)):
-        if not _is_int(cfg[name]) or cfg[name] < least:
-            bad(name, f"expected an integer >= {least}, got {cfg[name]!r}")
-    placement(cfg["dtype"], cfg["device"], source)
-    if not _is_num(cfg["credit"]["theta"]):
-        bad("credit.theta", f"expected a number, got {cfg['credit']['theta']!r}")
-    round_thetas(cfg, source)  # checks the schedule
-    if cfg["credit"]["cut_replies"] not in ("drop", "keep"):
-        bad("credit.cut_replies", f"expected drop or keep, got {cfg['credit']['cut_replies']!r}")
-    e = cfg["evaluate"]
-    seeds = e["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        bad("evaluate.seeds", f"expected a non-empty list of distinct integers, got {seeds!r}")
-    for name in ("questions", "chains"):
-        if not _is_int(e[name]) or e[name] < 1:
-            bad(f"evaluate.{name}", f"expected an integer >= 1, got {e[name]!r}")
-    if not isinstance(cfg["sampling"]["stop_after_answer"], bool):
-        bad("sampling.stop_after_answer", f"expected true or false, got "
-                                          f"{cfg['sampling']['stop_after_answer']!r}")
-    if not isinstance(cfg["engine"]["merge_adapters"], bool):
-        bad("engine.merge_adapters", f"expected true or false, got "
-                                     f"{cfg['engine']['merge_adapters']!r}")
-    if not isinstance(e["star"], bool):
-        bad("evaluate.star", f"expected true or false, got {e['star']!r}")
-    train = train_config(cfg, source)  # TrainConfig checks its own fields
-    if cfg["deepspeed"] is not None:
-        from malt_fast.train.distributed import parse_spec, read_ds_config, resolve_ds_config
-
-        # the JSON is checked now, not after an expansion that may take hours
-        spec = parse_spec(cfg["deepspeed"], source)
-        resolve_ds_config(read_ds_config(spec.config), spec.config, train, spec.nproc,
-                          cuda=torch.cuda.is_available())
-
-
-def train_config(cfg: dict, source="config", seed=None):
-    """The run's `train:` section as a TrainConfig; its seed defaults to the run's (round's)."""
-    from malt_fast.train.trainer import TrainConfig
-
-    seed = cfg["seed"] if seed is None else seed
-    return TrainConfig.from_dict({"seed": seed, **cfg["train"]}, source)
-
-
-def round_thetas(cfg: dict, source="config") -> list[float]:
-    """The credit threshold of each round, from `credit.theta` and `credit.theta_schedule`."""
-    k, sched = cfg["rounds"], cfg["credit"].get("theta_schedule")
-    field = "credit.theta_schedule"
-    if sched is None:
-        return [cfg["credit"]["theta"]] * k
-    if isinstance(sched, list):
-        if len(sched) != k:
-            raise MaltError(f"{source}: field {field!r}: has {len(sched)} thresholds, "
-                            f"rounds is {k} (one threshold per round)")
-        thetas = sched
-    elif isinstance(sched, dict):
-        extra = sorted(set(sched) - {"start", "end"})
-        if extra or set(sched) != {"start", "end"}:
-            raise MaltError(f"{source}: field {field!r}: a linear schedule is "
-                            f"{{start: THETA, end: THETA}}, got {sched!r}")
-        a, b = sched["start"], sched["end"]
-        if not (_is_num(a) and _is_num(b)):
-            raise MaltError(f"{source}: field {field!r}: start and end must be numbers, "
-                            f"got {sched!r}")
-        # rounded so 0.5 -> 0.75 over 3 rounds gives 0.625, not 0.6250000000000001 (credit
-        # compares exact fractions of the value's decimal text)
-        thetas = [a if k == 1 else round(a + (b - a) * r / (k - 1), 10) for r in range(k)]
-    else:
-        raise MaltError(f"{source}: field {field!r}: expected a list (one threshold per round) "
-                        f"or {{start, end}}, got {sched!r}")
-    for t in thetas:
-        # a value is positive iff V > theta, and V lies in [0, 1]: theta >= 1 makes nothing
-        # positive and theta < 0 makes everything positive (no pairs) -- both mistakes
-        if not _is_num(t) or not 0 <= t < 1:
-            raise MaltError(f"{source}: field {field!r}: thresholds must be numbers in [0, 1), "
-                            f"got {t!r}")
-    return [float(t) for t in thetas]
+    model = model_path("model", cfg["model"]) if cfg["model"] else smollm2_gguf()
+    tokenizer = tokenizer_path(cfg["tokenizer"] or model)
+    ds = cfg["dataset"]
+    split = {w: w if isinstance(ds, dict) else cfg[f"{w}_split"] for w in ("train", "test")}
+    try:
+        train, test = (load_split(ds, split[w], difficulty=cfg["difficulty"], seed=cfg["seed"])
+                       for w in ("train", "test"))
+    except MaltError as e:
+        raise MaltError(f"{source}: field 'dataset': {e}") from None
+    check_disjoint(train, test, f"{source}: field 'dataset'")
+    if not train or not test:
+        raise MaltError(f"{source}: field 'dataset': the {'training' if not train else 'test'} "
+                        "split is empty")
+    prompts = Path(cfg["prompts"]) if cfg["prompts"] else DEFAULT_PATH
+    try:
+        load_prompts(prompts, prompt_family(train[0].dataset, train[0].choices))
+    except MaltError as e:
+        raise MaltError(f"{source}: field 'prompts': {e}") from None
+    return {"model": str(model), "tokenizer": str(tokenizer), "prompts": str(prompts),
+            "train_questions": len(train), "test_questions": len(test)}
 
 
 def round_dir(run_dir, r: int, rounds: int) -> Path:
@@ -249,7 +165,9 @@ class Run:
         if self.models.model is None:
             from malt_fast.model import load_model
 
-            self.models.model = load_model(self.model_path, *self.placement())
+            model = load_model(self.model_path, *self.placement())
+            self.tok.check_fits(model.config.vocab_size, self.model_path)
+            self.models.model = model
         return self.models.model
 
     def placement(self) -> tuple:
@@ -292,12 +210,13 @@ class Run:
             f.write(json.dumps({"stage": stage, "round": self.round, "wall_s": seconds,
                                 **extra}) + "\n")
 
-    def examples(self, split):
-        from malt_fast.data import load_dataset
+    def examples(self, which: str):
+        """The training (`which` = "train") or test questions of the run's dataset."""
+        from malt_fast.data import load_split
 
         c = self.cfg
-        return load_dataset(c["dataset"], split, difficulty=c["difficulty"], seed=c["seed"]) \
-            if c["dataset"] == "arith" else load_dataset(c["dataset"], split)
+        split = which if isinstance(c["dataset"], dict) else c[f"{which}_split"]
+        return load_split(c["dataset"], split, difficulty=c["difficulty"], seed=c["seed"])
 
     # ---------------------------------------------------------------- rounds
 
@@ -321,6 +240,74 @@ class Run:
                 "roles_from_adapters": loaded}
         atomic_write_text(self.dir / "round.json", json.dumps(info, indent=2) + "\n")
 
+    # ---------------------------------------------------------------- stale-result guard
+
+    def stage_outputs(self, stage: str) -> Path:
+        return {"expand": self.dir / "trees.jsonl", "credit": self.dir / "data",
+                "train": self.dir / "train", "evaluate": self.dir / "eval"}[stage]
+
+    def stage_settings(self, stage: str) -> dict:
+        """What `stage`'s outputs were computed from: its config fields (dotted), this round's
+        seed and threshold, and the settings key of the stage before it (round r's expansion:
+        round r - 1's training), so a change upstream reaches every later stage."""
+        fields = {}
+        for name in STAGE_FIELDS[stage]:
+            node = self.cfg
+            for part in name.split("."):
+                node = node[part]
+            fields.update(_flatten(node, name))
+        fields.update({"round.seed": self.seed, "round.theta": self.theta})
+        i = STAGES.index(stage)
+        if i:
+            before = _stage_records(self.dir).get(STAGES[i - 1])
+        elif self.round > 1:
+            before = _stage_records(round_dir(self.root, self.round - 1,
+                                              self.cfg["rounds"])).get("train")
+        else:
+            before = {}
+        return {"fields": fields, "upstream": _settings_key(before) if before else None}
+
+    def guard(self, stage: str) -> None:
+        """Before `stage` runs, skips or resumes: stop with one line if what it has on disk was
+        made with other settings (a stale result would be reused); else record the settings."""
+        from malt_fast.malt.trees import atomic_write_text
+
+        records = _stage_records(self.dir)
+        now, old = self.stage_settings(stage), records.get(stage)
+        if old is not None and old != now and self.stage_outputs(stage).exists():
+            changed = [f"{k} ({old['fields'].get(k, '-')!r} -> {v!r})"
+                       for k, v in now["fields"].items() if old["fields"].get(k, "-") != v]
+            if old.get("upstream") != now["upstream"]:
+                changed.append("the stage before it (its inputs)")
+            raise MaltError(f"{stage}: {self.stage_outputs(stage)} was made with other settings: "
+                            f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}; use a "
+                            f"new run_dir, or rerun with --restart {stage} (recomputes it and the "
+                            "stages after it)")
+        records[stage] = now
+        atomic_write_text(self.dir / "stages.json", json.dumps(records, indent=1) + "\n")
+
+    def restart(self, stage: str) -> None:
+        """Delete `stage`'s outputs and those of every later stage, in this round and later
+        ones, so the next run recomputes them."""
+        import shutil
+
+        for r in range(self.round, self.cfg["rounds"] + 1):
+            run = self if r == self.round else self.for_round(r)
+            first = STAGES.index(stage) if r == self.round else 0
+            records = _stage_records(run.dir)
+            for s in STAGES[first:]:
+                out = run.stage_outputs(s)
+                if out.is_dir():
+                    shutil.rmtree(out)
+                elif out.exists():
+                    out.unlink()
+                records.pop(s, None)
+            if run.dir.is_dir():
+                from malt_fast.malt.trees import atomic_write_text
+
+                atomic_write_text(run.dir / "stages.json", json.dumps(records, indent=1) + "\n")
+        self.log(f"restart: {stage} and the stages after it will be recomputed")
+
     # ---------------------------------------------------------------- stages
 
     def expand(self) -> Path:
@@ -328,7 +315,8 @@ class Run:
         from malt_fast.malt.trees import finished_ids
 
         c = self.cfg
-        train = self.examples(c["train_split"])[: c["train_questions"]]
+        self.guard("expand")
+        train = self.examples("train")[: c["train_questions"]]
         if not train:
             raise MaltError(f"{c['dataset']}: the training split is empty")
         path = self.dir / "trees.jsonl"
@@ -349,6 +337,7 @@ class Run:
         from malt_fast.malt.credit import run_credit
 
         out = self.dir / "data"
+        self.guard("credit")
         if (out / "summary.json").is_file():
             self.log(f"credit: {out}/summary.json exists, skipped")
             return out
@@ -365,6 +354,7 @@ class Run:
         """Train the roles, in this process or under torchrun (`deepspeed:`), unless every role
         of train.roles is exported already; then make the trained roles the ones that
         role_engines() decodes with. Returns those roles."""
+        self.guard("train")
         if self.trained():
             self.log(f"train: {self.checkpoints()} complete, skipped")
         else:
@@ -390,7 +380,7 @@ class Run:
             return
         from malt_fast.train.trainer import Trainer
 
-        cfg = dataclasses.replace(train_config(self.cfg, seed=self.seed), roles=(STAR,))
+        cfg = train_config(self.cfg, seed=self.seed).model_copy(update={"roles": (STAR,)})
         t0 = time.perf_counter()
         Trainer(self.model, self.tok, data, self.dir / "train", cfg, log=self.log).run()
         self.record("train_star", time.perf_counter() - t0)
@@ -408,7 +398,7 @@ class Run:
         job = {"model": str(self.model_path), "tokenizer": str(self.cfg["tokenizer"] or
                                                               self.model_path),
                "dtype": self.cfg["dtype"], "data": str(data), "out": str(out),
-               "train": dataclasses.asdict(cfg), "deepspeed": str(spec.config)}
+               "train": cfg.model_dump(mode="json"), "deepspeed": str(spec.config)}
         if self.previous_checkpoints() is not None:
             job["init"] = str(self.previous_checkpoints())
         out.mkdir(parents=True, exist_ok=True)
@@ -488,13 +478,14 @@ class Run:
         from malt_fast.malt.trees import atomic_write_text
 
         out = self.dir / "eval"
+        self.guard("evaluate")
         if (out / "results.json").is_file():
             self.log(f"evaluate: {out}/results.json exists, skipped")
             return json.loads((out / "results.json").read_text())
         c, e = self.cfg, self.cfg["evaluate"]
         if base is not None and not trained:
             base = None  # nothing trained to evaluate: fall back to the full evaluation
-        test = self.examples(c["test_split"])
+        test = self.examples("test")
         t0 = time.perf_counter()
         engines = {}  # built on the first seed that needs them (none when all are done)
         parts = []
@@ -524,6 +515,32 @@ class Run:
         write_report(results, out)
         self.record("evaluate", time.perf_counter() - t0)
         return results
+
+
+def _flatten(node, prefix: str) -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def _stage_records(folder: Path) -> dict:
+    path = Path(folder) / "stages.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise MaltError(f"{path}: not valid JSON (the record of each stage's settings); delete "
+                        "it to accept what is on disk, or use a new run_dir") from None
+
+
+def _settings_key(record: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _die_with_parent() -> None:

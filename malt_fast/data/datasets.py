@@ -1,17 +1,21 @@
 """Dataset loaders: one record type for GSM8K, MATH, CommonsenseQA and the small math sets.
 
-`load_dataset(name, split)` reads the packaged copies; `load_dataset(path)` reads a user's JSONL
-file in any of the same formats (or the native one: id, question, gold[, choices]).
+`load_dataset(name, split)` reads the packaged copies; `load_dataset(path, split)` reads a user's
+JSONL file in any of the same formats (or the native one: id, question, gold[, choices]) whose
+rows say which split they belong to (`"split": "train"`); `load_split({"train": FILE, "test":
+FILE}, "test")` reads one of two files. `check_disjoint` refuses a test split that shares question
+ids with the training split.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from malt_fast.data.assets import DATA_PACKAGES, packaged_file
+from malt_fast.data.example import Example
+from malt_fast.data.synthetic import make_arith
 from malt_fast.data.text import last_boxed, normalize_number
 from malt_fast.errors import MaltError, fail
 
@@ -27,30 +31,17 @@ ARITH_SIZES = {"train": 5000, "test": 1000}
 _OPTION = re.compile(r"^\s*([A-E])[.)]\s*(.+?)\s*$")
 
 
-@dataclass
-class Example:
-    id: str
-    dataset: str
-    question: str
-    gold: str
-    choices: dict[str, str] | None = None  # letter -> option text (multiple choice only)
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
 def load_dataset(name, split: str | None = None, *, difficulty: int = 1,
                  seed: int = 0) -> list[Example]:
     """Packaged dataset `name` in {gsm8k, math, csqa, svamp, asdiv, mawps} or the generated
-    `arith` (with `difficulty` and `seed`) at `split`, or a JSONL path (`split` ignored)."""
+    `arith` (with `difficulty` and `seed`) at `split`, or a JSONL path: its rows whose `split`
+    field is `split` (every row when `split` is None)."""
     name_s = str(name)
     if name_s in SPLITS:
         split = split or SPLITS[name_s][-1]
         if split not in SPLITS[name_s]:
             raise MaltError(f"{name_s}: no split {split!r} (available: {', '.join(SPLITS[name_s])})")
         if name_s == "arith":
-            from malt_fast.data.synthetic import make_arith
-
             return make_arith(ARITH_SIZES[split], split, difficulty, seed)
         dist, rel = DATA_PACKAGES[name_s]
         path = packaged_file(dist, rel.format(split=split))
@@ -73,8 +64,45 @@ def load_dataset(name, split: str | None = None, *, difficulty: int = 1,
     rows = read_jsonl(path)
     if not rows:
         raise fail(path, "no rows")
+    if split is not None:
+        rows = rows_of_split(rows, split, path)
     return [parse_row(row, detect_format(row, path, line), f"{path.stem}-{i}", path, line)
             for i, (line, row) in enumerate(rows)]
+
+
+def rows_of_split(rows: list[tuple[int, dict]], split: str, path) -> list[tuple[int, dict]]:
+    """The rows whose `split` field is `split`; every row must have one (a file read whole as
+    both the training and the test split would evaluate on trained questions)."""
+    unmarked = next((line for line, row in rows if "split" not in row), None)
+    if unmarked is not None:
+        raise fail(f"{path}:{unmarked}", "no 'split' field; give every row \"split\": \"train\" "
+                                         "or \"test\", or name one file per split (dataset: "
+                                         "{train: FILE, test: FILE})")
+    picked = [(line, row) for line, row in rows if row["split"] == split]
+    if not picked:
+        found = sorted({str(row["split"]) for _, row in rows})
+        raise fail(path, f"no rows of split {split!r} (splits here: {', '.join(found)})")
+    return picked
+
+
+def load_split(dataset, split: str, *, difficulty: int = 1, seed: int = 0) -> list[Example]:
+    """`dataset` (a packaged name, a JSONL path with split fields, or {split: file}) at
+    `split`; a {split: file} file is read whole."""
+    if isinstance(dataset, dict):
+        if split not in dataset:
+            raise MaltError(f"dataset: no file for split {split!r} (given: "
+                            f"{', '.join(dataset)})")
+        return load_dataset(dataset[split], None)
+    return load_dataset(dataset, split, difficulty=difficulty, seed=seed)
+
+
+def check_disjoint(train: list[Example], test: list[Example], where) -> None:
+    """A test question must not be a training question: ids shared by the splits are an error."""
+    shared = sorted({e.id for e in train} & {e.id for e in test})
+    if shared:
+        raise fail(where, f"{len(shared)} question ids are in both the training and the test "
+                          f"split (e.g. {shared[0]!r}): evaluation would include trained "
+                          "questions")
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from malt_fast.data.datasets import Example
+from malt_fast.data.example import Example
 from malt_fast.errors import MaltError
 
 SPLITS = ("train", "test")

@@ -1,4 +1,4 @@
-"""Credit assignment (DESIGN.md): leaf rewards, values up the tree, labels, SFT and DPO sets.
+"""Credit assignment (docs/design.md): leaf rewards, values up the tree, labels, SFT and DPO sets.
 
     V(r) = R(r) = [T(r) == gold]          leaf reward, 0 or 1
     V(v) = mean of its refinements' V     (continuous means, not a vote of binarised children)
@@ -24,7 +24,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from malt_fast.data.datasets import Example
+from malt_fast.data.example import Example
 from malt_fast.errors import MaltError, fail
 from malt_fast.malt.answers import answers_equal, extract_answer
 from malt_fast.malt.prompts import (RolePrompts, generator_messages, load_prompts, prompt_family,

@@ -28,22 +28,19 @@ def role_layout(prompts: RolePrompts) -> RoleLayout:
 
 
 def level_sampling(cfg: dict) -> dict[str, LevelSampling]:
-    """Per-role sampling from the run config's `sampling` section (paper: temperature 0.3).
+    """Per-role sampling from a checked run config's `sampling` section (malt_fast.config).
 
     With `stop_after_answer` (the default) the generator's and refiner's replies end with the
     line that holds their final answer, as their instructions ask: what a small model appends
     after it (a second solution, "Explanation: ...", a loop) is never scored nor trained on, and
     does not run the reply into its token budget."""
-    s = cfg.get("sampling") or {}
-    budget = s.get("max_new_tokens", 256)
+    s = cfg["sampling"]
     out = {}
     for role in ROLES:
-        tokens = budget[role] if isinstance(budget, dict) else budget
-        answers = s.get("stop_after_answer", True) and role in ("generator", "refiner")
-        out[role] = LevelSampling(max_new_tokens=int(tokens),
-                                  temperature=float(s.get("temperature", 0.3)),
-                                  top_p=float(s.get("top_p", 1.0)), top_k=int(s.get("top_k", 0)),
-                                  stop_line=(ANSWER_MARKER,) if answers else ())
+        answers = s["stop_after_answer"] and role in ("generator", "refiner")
+        out[role] = LevelSampling(max_new_tokens=s["max_new_tokens"][role],
+                                  temperature=s["temperature"], top_p=s["top_p"],
+                                  top_k=s["top_k"], stop_line=(ANSWER_MARKER,) if answers else ())
     return out
 
 

@@ -1,4 +1,4 @@
-"""Role prompts: the three roles write into ONE chat transcript (DESIGN.md "Shared-prefix rollout").
+"""Role prompts: the three roles write into ONE chat transcript (docs/design.md, engines).
 
     [system, user(question), assistant(g), user(verifier instruction), assistant(v),
      user(refiner instruction), assistant(r)]
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from malt_fast.data.datasets import Example
+from malt_fast.data.example import Example
 from malt_fast.errors import MaltError, fail
 from malt_fast.malt.answers import answer_family
 

@@ -1,4 +1,4 @@
-"""`trees.jsonl`: one G->V->R tree per line (format in DESIGN.md), read, validated and written.
+"""`trees.jsonl`: one G->V->R tree per line (format in docs/design.md), read, validated and written.
 
 A line is written only once its tree is complete and is flushed at once, so a killed expansion
 loses at most the tree it was writing. What a kill can leave is a partial last line with no

@@ -46,6 +46,24 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
 
+    def check_fits(self, vocab_size: int, model_source) -> None:
+        """Every id this tokenizer can produce must have a row in the model's embedding: its
+        size, its special tokens and what its chat template renders. A mismatch (a tokenizer
+        from another model) is a one-line error, not an IndexError deep in the embedding (CPU)
+        or a device assert (CUDA)."""
+        special = [self.bos_token_id, self.pad_token_id, *self.eos_token_ids]
+        template: list[int] = []
+        if self.chat_template:
+            template = self.apply_chat_template(
+                [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                 {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}])
+        top = max([self.vocab_size - 1, *[i for i in special + template if i is not None]])
+        if top >= vocab_size:
+            raise fail(self.source, f"token id {top} (the tokenizer has {self.vocab_size} tokens"
+                                    f") is outside the model's vocabulary of {vocab_size} "
+                                    f"({model_source}): the tokenizer does not belong to the "
+                                    "model")
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

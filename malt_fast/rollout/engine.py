@@ -155,13 +155,6 @@ class Engine:
         self.run(reqs)
         return results
 
-    def expand_tree(self, questions: list[str], layout, n: int = 3, sampling=None,
-                    seed: int = 0) -> tuple[list[dict], dict]:
-        """The G→V→R tree per question with every role on this engine; see `tree.expand_tree`."""
-        from malt_fast.rollout.tree import expand_tree  # tree builds on the engine
-
-        return expand_tree(self, questions, layout, n=n, sampling=sampling, seed=seed)
-
     def run(self, requests: list[Request]) -> dict:
         """Serve the requests (and any a callback submits) to completion; returns the stats."""
         if self.tokenizer is None and any(r.stop or r.stop_line for r in requests):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -28,12 +27,12 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from malt_fast.config import deepspeed_spec
 from malt_fast.errors import MaltError, fail
 from malt_fast.model.lora import adapter_parameters, lora_modules, save_adapter, set_adapter
 from malt_fast.train.losses import dpo_loss
@@ -47,30 +46,11 @@ _MODEL_PARALLEL_ONLY = ("partition_activations", "cpu_checkpointing",
                         "contiguous_memory_optimization")
 
 
-@dataclass
-class DeepSpeedSpec:
+def parse_spec(entry, source):
     """A config's `deepspeed:` entry: a JSON path, or {config: path, nproc: N}. `nproc` is the
     number of processes `malt-fast run` launches for its train stage; `malt-fast train` runs
     with whatever its launcher started."""
-    config: Path
-    nproc: int = 1
-
-
-def parse_spec(entry, source) -> DeepSpeedSpec:
-    if isinstance(entry, (str, Path)):
-        return DeepSpeedSpec(Path(entry))
-    if not isinstance(entry, dict) or not isinstance(entry.get("config"), (str, Path)):
-        raise fail(source, "field 'deepspeed': expected a JSON path or a mapping with a "
-                           "'config' path")
-    if "finetune" in entry:  # where it lived before train.finetune covered both trainers
-        raise fail(source, "field 'deepspeed.finetune': moved to 'train.finetune'")
-    unknown = sorted(set(entry) - {"config", "nproc"})
-    if unknown:
-        raise fail(source, f"unknown field 'deepspeed.{unknown[0]}' (known: config, nproc)")
-    nproc = entry.get("nproc", 1)
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
-        raise fail(source, f"field 'deepspeed.nproc': expected an integer >= 1, got {nproc!r}")
-    return DeepSpeedSpec(Path(entry["config"]), nproc)
+    return deepspeed_spec(entry, source)
 
 
 # ---------------------------------------------------------------- DeepSpeed JSON configs
@@ -597,7 +577,7 @@ class DeepSpeedTrainer(Trainer):
         if self.rank == 0:
             meta = {"role": role, "phase": phase, "step": step, "finished": finished,
                     "world_size": self.world, "finetune": self.cfg.finetune,
-                    "config": dataclasses.asdict(self.cfg)}
+                    "config": self.cfg.model_dump(mode="json")}
             (root / tag / "malt.json").write_text(json.dumps(meta, indent=1))
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         torch.distributed.barrier()
@@ -641,15 +621,15 @@ def train_from_config(cfg: dict, source, after_step=None) -> dict:
     """`malt-fast train CONFIG` when CONFIG has a `deepspeed:` entry. Run under torchrun or the
     deepspeed launcher (or alone: a one-rank group). Returns {role: checkpoint dir} on rank 0.
     `after_step(role, phase, step)` runs on every rank after each optimizer step."""
-    train = job_config(cfg, source)
-    spec = parse_spec(cfg.get("deepspeed"), source)
+    job = job_config(cfg, source)
+    spec = parse_spec(job.deepspeed, source)
     raw = read_ds_config(spec.config)
     created = init_distributed()
     try:
         # on the CPU: the engine moves each rank's shards to its device
-        model, tok = load_job_model(cfg, device="cpu")
-        trainer = DeepSpeedTrainer(model, tok, cfg["data"], cfg["out"], train, raw, spec.config,
-                                   after_step=after_step, init_from=cfg.get("init"))
+        model, tok = load_job_model(job, device="cpu")
+        trainer = DeepSpeedTrainer(model, tok, job.data, job.out, job.train, raw, spec.config,
+                                   after_step=after_step, init_from=job.init)
         return trainer.run()
     finally:
         if created:

@@ -32,167 +32,43 @@ import random
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from malt_fast.config import TrainConfig, TrainJob, validate
 from malt_fast.errors import MaltError, fail
 from malt_fast.model.checkpoint import load_model, save_model
 from malt_fast.model.lora import (LoRAConfig, add_adapter, adapter_parameters, load_adapter,
                                   lora_modules, save_adapter, set_adapter)
-from malt_fast.train.losses import (DPO_LOSSES, IGNORE, completion_mask, dpo_loss,
-                                    sequence_logprobs, token_logprobs)
+from malt_fast.train.losses import (IGNORE, completion_mask, dpo_loss, sequence_logprobs,
+                                    token_logprobs)
 from malt_fast.train.packing import batch_sequence_logprobs, pack_sequences
 from malt_fast.train.reference import model_hash, reference_logprobs, tensors_hash
 
-ROLES = ("generator", "verifier", "refiner")
-STAR = "star"  # the STaR baseline's single agent: SFT on sft_star.jsonl, trained like a role
-SCHEDULES = ("sequential", "joint")
-PACKINGS = ("tree", "none")
-FINETUNES = ("lora", "full")
-BACKENDS = (None, "triton", "cpu", "torch")
+
+def job_config(cfg, source) -> TrainJob:
+    """A `malt-fast train` config checked against its schema (malt_fast.config.TrainJob: `data`
+    and `out` required); errors name `source` and the field, before anything loads."""
+    job = validate(TrainJob, cfg, source)
+    if job.init is not None and not Path(job.init).is_dir():
+        raise fail(source, f"field 'init': no such directory {job.init}")
+    return job
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass
-class TrainConfig:
-    roles: tuple[str, ...] = ROLES      # a subset trains only those roles (e.g. one per job)
-    finetune: str = "lora"              # lora: an adapter per role; full: a model copy per role
-    schedule: str = "sequential"        # sequential: role after role; joint: one step each in turn
-    packing: str = "tree"               # tree: shared prompts run once per batch; none: unpacked
-    generator_dpo: bool = False         # the paper trains the generator with SFT only by default
-    sft_epochs: int = 1
-    dpo_epochs: int = 1
-    sft_lr: float = 2e-4
-    dpo_lr: float = 5e-5
-    beta: float = 0.2                   # DPO β, as in the paper
-    dpo_loss: str = "sigmoid"           # sigmoid | ipo | hinge
-    batch_size: int = 4                 # rows per micro-batch (DPO: pairs)
-    grad_accum: int = 1
-    max_len: int = 1024                 # longer sequences are cut from the completion's end
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    save_every: int = 50
-    seed: int = 0
-    lora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32.0, "dropout": 0.0})
-    backend: str | None = None          # linear_logprobs backend; None picks by device
-    tensorboard: bool = True            # event files under OUT/tensorboard
-
-    def __post_init__(self):
-        if isinstance(self.roles, str):
-            self.roles = (self.roles,)
-        if isinstance(self.roles, list):
-            self.roles = tuple(self.roles)
-        self.check()
-
-    def check(self) -> None:
-        """Raise MaltError("train.FIELD: problem") for the first bad value."""
-        def bad(name, problem):
-            raise MaltError(f"train.{name}: {problem}, got {getattr(self, name)!r}")
-
-        if not isinstance(self.roles, tuple) or not self.roles:
-            bad("roles", f"must be a non-empty list of {list(ROLES)}")
-        for r in self.roles:
-            if r not in ROLES + (STAR,):
-                bad("roles", f"unknown role {r!r} (roles are {list(ROLES)}, or {STAR!r})")
-        if len(set(self.roles)) != len(self.roles):
-            bad("roles", "lists a role twice")
-        for name, choices in (("finetune", FINETUNES), ("schedule", SCHEDULES),
-                              ("packing", PACKINGS),
-                              ("dpo_loss", DPO_LOSSES), ("backend", BACKENDS)):
-            if getattr(self, name) not in choices:
-                bad(name, f"must be one of {list(choices)}")
-        for name in ("generator_dpo", "tensorboard"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "must be true or false")
-        for name, least in (("sft_epochs", 0), ("dpo_epochs", 0), ("batch_size", 1),
-                            ("grad_accum", 1), ("max_len", 2), ("warmup_steps", 0),
-                            ("save_every", 1), ("seed", 0)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < least:
-                bad(name, f"must be an integer >= {least}")
-        for name in ("sft_lr", "dpo_lr", "beta"):
-            if not _is_num(getattr(self, name)) or getattr(self, name) <= 0:
-                bad(name, "must be a number > 0")
-        if not _is_num(self.weight_decay) or self.weight_decay < 0:
-            bad("weight_decay", "must be a number >= 0")
-        if not isinstance(self.lora, dict):
-            bad("lora", "must be a mapping (rank, alpha, dropout, targets)")
-        known = {f.name for f in fields(LoRAConfig)}
-        for k in self.lora:
-            if k not in known:
-                raise MaltError(f"train.lora: unknown field {k!r} (fields: {sorted(known)})")
-        lc = self.lora
-        if not _is_int(lc.get("rank", 1)) or lc.get("rank", 1) < 1:
-            raise MaltError(f"train.lora.rank: must be an integer >= 1, got {lc['rank']!r}")
-        if not _is_num(lc.get("alpha", 1.0)) or lc.get("alpha", 1.0) <= 0:
-            raise MaltError(f"train.lora.alpha: must be a number > 0, got {lc['alpha']!r}")
-        if not _is_num(lc.get("dropout", 0.0)) or not 0 <= lc.get("dropout", 0.0) < 1:
-            raise MaltError(f"train.lora.dropout: must be in [0, 1), got {lc['dropout']!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict | None, source="config") -> "TrainConfig":
-        """The `train:` section of a config file; errors name `source` and the field."""
-        if d is not None and not isinstance(d, dict):
-            raise MaltError(f"{source}: field 'train': expected a mapping, got {type(d).__name__}")
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise MaltError(f"{source}: unknown field 'train.{unknown[0]}' "
-                            f"(known: {', '.join(known)})")
-        try:
-            return cls(**d)
-        except MaltError as e:
-            raise MaltError(f"{source}: {e}") from None
-
-    def phases(self, role: str) -> list[str]:
-        if role == STAR or (role == "generator" and not self.generator_dpo):
-            return ["sft"]
-        return ["sft", "dpo"]
-
-
-# the fields of a `malt-fast train` config (docs/train.md)
-JOB_FIELDS = ("model", "tokenizer", "dtype", "device", "data", "out", "init", "train",
-              "deepspeed")
-
-
-def job_config(cfg, source) -> TrainConfig:
-    """Check a `malt-fast train` config (JOB_FIELDS only; `data` and `out` required) and return
-    its train: section. Errors name `source` and the field."""
-    from malt_fast.model.dtypes import placement
-
-    if not isinstance(cfg, dict):
-        raise fail(source, "expected a mapping of fields at the top level")
-    unknown = sorted(set(cfg) - set(JOB_FIELDS))
-    if unknown:
-        raise fail(source, f"unknown field {unknown[0]!r} (known: {', '.join(JOB_FIELDS)})")
-    for key in ("data", "out"):
-        if key not in cfg:
-            raise fail(source, f"missing field {key!r}")
-    placement(cfg.get("dtype", "float32"), cfg.get("device", "cpu"), source)
-    if cfg.get("init") is not None and not Path(cfg["init"]).is_dir():
-        raise fail(source, f"field 'init': no such directory {cfg['init']}")
-    return TrainConfig.from_dict(cfg.get("train"), source)
-
-
-def load_job_model(cfg: dict, device=None):
-    """(model, tokenizer) of a `malt-fast train` config; `device` overrides the config's."""
+def load_job_model(job: TrainJob, device=None):
+    """(model, tokenizer) of a checked `malt-fast train` config; `device` overrides its own."""
     from malt_fast.data import smollm2_gguf
     from malt_fast.model import load_tokenizer
     from malt_fast.model.dtypes import placement
 
-    dtype, dev = placement(cfg.get("dtype", "float32"), cfg.get("device", "cpu"), "config")
-    path = cfg.get("model") or smollm2_gguf()
-    return (load_model(path, dtype=dtype, device=device or dev),
-            load_tokenizer(cfg.get("tokenizer") or path))
+    dtype, dev = placement(job.dtype, job.device, "config")
+    path = job.model or smollm2_gguf()
+    model, tok = load_model(path, dtype=dtype, device=device or dev), \
+        load_tokenizer(job.tokenizer or path)
+    tok.check_fits(model.config.vocab_size, path)
+    return model, tok
 
 
 # ---------------------------------------------------------------- data
@@ -461,7 +337,7 @@ class Trainer:
                 load_adapter(model, start, role)
                 continue
             with self.rngs[role].active():
-                add_adapter(model, role, LoRAConfig(**self.cfg.lora))
+                add_adapter(model, role, LoRAConfig(**self.cfg.lora.model_dump()))
 
     def start_model(self, role):
         """Full fine-tuning: a trainable model of the role's own, loaded from init_from or
@@ -714,7 +590,8 @@ class Trainer:
         blob = {"params": [p.detach() for p in params],
                 "optimizer": opt.state_dict() if opt else None,
                 "scheduler": sched.state_dict() if sched else None,
-                "step": step, "rng": self.rngs[role].state, "config": asdict(self.cfg)}
+                "step": step, "rng": self.rngs[role].state,
+                "config": self.cfg.model_dump(mode="json")}
         atomic_torch_save(blob, self.state_path(role, phase))
         if finished:
             self.done_path(role, phase).write_text(str(step))

@@ -59,7 +59,9 @@ def test_all_methods_run_with_the_packaged_model(smollm_gguf, tmp_path):
                       progress=False)
 
     test = load_dataset("arith", "test")
-    sampling = level_sampling({"sampling": {"max_new_tokens": 40}})
+    from malt_fast.pipeline import resolve
+
+    sampling = level_sampling(resolve({"sampling": {"max_new_tokens": 40}}))
     results = evaluate(test, engine(None), {r: engine(r) for r in ("generator", "verifier",
                                                                    "refiner")},
                        star_engine=engine("generator"), seeds=(0,), questions=2, chains=3,

@@ -188,3 +188,14 @@ def test_kernels_compile_for_sm90():
     if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert proc.returncode == 0 and "COMPILED" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_device_side_target_check():
+    """The check CUDA runs without a host sync (torch._assert_async), here on CPU tensors, where
+    it raises at once: the same condition as the CPU path's."""
+    from malt_fast.kernels.dispatch import assert_targets_in_vocab
+
+    assert_targets_in_vocab(torch.tensor([0, 4, -100]), 5, -100)
+    for bad in ([0, 5], [-1, 2], [-100, 7]):
+        with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 5\)"):
+            assert_targets_in_vocab(torch.tensor(bad), 5, -100)

@@ -30,8 +30,8 @@ import torch
 
 from malt_fast.errors import MaltError
 from malt_fast.model import load_model, load_tokenizer, save_model
-from malt_fast.train.distributed import (DeepSpeedSpec, parse_spec, read_ds_config,
-                                         resolve_ds_config)
+from malt_fast.config import DeepSpeedSection
+from malt_fast.train.distributed import parse_spec, read_ds_config, resolve_ds_config
 from malt_fast.train.losses import completion_mask, dpo_loss, sft_loss, token_logprobs
 from test_train_packing import random_llama
 from malt_fast.train.trainer import TrainConfig, Trainer, collate, joined
@@ -302,14 +302,16 @@ def test_unreadable_config_and_spec_errors(tmp_path):
         read_ds_config(tmp_path / "missing.json")
     with pytest.raises(MaltError, match="smaller than the 4 ranks"):
         resolve_ds_config({}, "x.json", TrainConfig(batch_size=2), world=4, cuda=False)
-    assert parse_spec("a.json", "run.yaml") == DeepSpeedSpec(Path("a.json"), 1)
+    assert parse_spec("a.json", "run.yaml") == DeepSpeedSection(config=Path("a.json"), nproc=1)
     assert parse_spec({"config": "a.json", "nproc": 8}, "run.yaml") == \
-        DeepSpeedSpec(Path("a.json"), 8)
+        DeepSpeedSection(config=Path("a.json"), nproc=8)
     for entry, problem in [({"config": "a.json", "finetune": "full"},
-                            "field 'deepspeed.finetune': moved to 'train.finetune'"),
+                            "unknown field 'deepspeed.finetune'"),
                            ({"config": "a.json", "stage": 3}, "unknown field 'deepspeed.stage'"),
-                           ({"config": "a.json", "nproc": 0}, "field 'deepspeed.nproc'"),
-                           ({"finetune": "full"}, "expected a JSON path or a mapping")]:
+                           ({"config": "a.json", "nproc": 0},
+                            "field 'deepspeed.nproc': expected an integer >= 1"),
+                           ({"finetune": "full"}, "field 'deepspeed.config': missing"),
+                           (5, "field 'deepspeed': expected a mapping")]:
         with pytest.raises(MaltError, match=f"^run.yaml: .*{problem}"):
             parse_spec(entry, "run.yaml")
 

@@ -11,7 +11,7 @@ from test_train_packing import random_llama
 
 from malt_fast.errors import MaltError
 from malt_fast.model import load_model, load_tokenizer, save_model
-from malt_fast.train.trainer import TrainConfig, Trainer
+from malt_fast.train.trainer import TrainConfig, Trainer, job_config
 
 QUESTIONS = [f"What is {a} times {b}?" for a, b in [(2, 3), (4, 4), (7, 1), (5, 6)]]
 
@@ -132,30 +132,36 @@ def test_joint_resume_is_exact(model_dir, tok, data, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("roles", ("generator", "critic"), r"train\.roles: unknown role 'critic'"),
-    ("roles", (), r"train\.roles: must be a non-empty list"),
-    ("roles", ("verifier", "verifier"), r"train\.roles: lists a role twice"),
-    ("schedule", "parallel", r"train\.schedule: must be one of \['sequential', 'joint'\]"),
-    ("packing", "flat", r"train\.packing: must be one of \['tree', 'none'\]"),
-    ("finetune", "qlora", r"train\.finetune: must be one of \['lora', 'full'\]"),
-    ("batch_size", 0, r"train\.batch_size: must be an integer >= 1, got 0"),
-    ("dpo_lr", -1.0, r"train\.dpo_lr: must be a number > 0"),
-    ("generator_dpo", "yes", r"train\.generator_dpo: must be true or false"),
-    ("lora", {"rank": 0}, r"train\.lora\.rank: must be an integer >= 1"),
-    ("lora", {"rnak": 4}, r"train\.lora: unknown field 'rnak'"),
+    ("roles", ("generator", "critic"),
+     r"field 'train\.roles\.1': expected generator, verifier, refiner or star, got 'critic'"),
+    ("roles", (), r"field 'train\.roles': expected at least one role"),
+    ("roles", ("verifier", "verifier"), r"field 'train\.roles': lists a role twice"),
+    ("schedule", "parallel", r"field 'train\.schedule': expected sequential or joint"),
+    ("packing", "flat", r"field 'train\.packing': expected tree or none, got 'flat'"),
+    ("finetune", "qlora", r"field 'train\.finetune': expected lora or full"),
+    ("batch_size", 0, r"field 'train\.batch_size': expected an integer >= 1, got 0"),
+    ("dpo_lr", -1.0, r"field 'train\.dpo_lr': expected a number > 0"),
+    ("generator_dpo", "yes", r"field 'train\.generator_dpo': expected true or false"),
+    ("lora", {"rank": 0}, r"field 'train\.lora\.rank': expected an integer >= 1"),
+    ("lora", {"rnak": 4}, r"unknown field 'train\.lora\.rnak' \(did you mean 'rank'\?\)"),
 ])
 def test_bad_config_values(field, value, message):
-    with pytest.raises(MaltError, match=message):
+    with pytest.raises(MaltError, match="^" + message):
         TrainConfig(**{field: value})
     with pytest.raises(MaltError, match=r"^runs/x\.yaml: " + message):
-        TrainConfig.from_dict({field: value}, source="runs/x.yaml")
+        job_config({"data": "d", "out": "o", "train": {field: value}}, "runs/x.yaml")
 
 
-def test_config_from_dict():
-    with pytest.raises(MaltError, match=r"^c\.yaml: unknown field 'train\.epochs' \(known: ro"):
-        TrainConfig.from_dict({"epochs": 3}, source="c.yaml")
-    with pytest.raises(MaltError, match=r"^c\.yaml: field 'train': expected a mapping, got list$"):
-        TrainConfig.from_dict([1], source="c.yaml")
-    cfg = TrainConfig.from_dict({"roles": ["refiner"], "schedule": "joint", "packing": "none"})
+def test_config_from_a_job():
+    with pytest.raises(MaltError, match=r"^c\.yaml: unknown field 'train\.epochs' \(did you "):
+        job_config({"data": "d", "out": "o", "train": {"epochs": 3}}, "c.yaml")
+    with pytest.raises(MaltError, match=r"^c\.yaml: field 'train': expected a mapping, got \[1\]$"):
+        job_config({"data": "d", "out": "o", "train": [1]}, "c.yaml")
+    with pytest.raises(MaltError, match=r"^c\.yaml: field 'out': missing$"):
+        job_config({"data": "d"}, "c.yaml")
+    cfg = job_config({"data": "d", "out": "o", "train": {"roles": ["refiner"], "schedule": "joint",
+                                                         "packing": "none", "sft_lr": "5e-5"}},
+                     "c.yaml").train
     assert cfg.roles == ("refiner",) and cfg.schedule == "joint" and cfg.packing == "none"
+    assert cfg.sft_lr == 5e-5  # PyYAML reads 5e-5 as a string
     assert TrainConfig(roles="verifier").roles == ("verifier",)
