@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
+                      ValidationError, field_validator, model_validator)
 
 from malt_fast.errors import MaltError, fail
 
@@ -263,6 +263,10 @@ def _device(v):
     raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
 
 
+Device = Annotated[str, AfterValidator(_device)]
+DeepSpeedEntry = Annotated[Union[DeepSpeedSection, None], BeforeValidator(_deepspeed_entry)]
+
+
 class RunConfig(Section):
     """The config of `malt-fast run` (and expand, evaluate, profile, check)."""
 
@@ -275,7 +279,7 @@ class RunConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="dtype the model is loaded in; auto = bf16 on CUDA and on CPUs "
                                "with native bf16, else fp32")
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    device: Device = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
     threads: NonNegInt = Field(0, description="torch CPU threads; 0 keeps torch's default")
     seed: NonNegInt = Field(0, description="run seed: expansion chunks, DPO pair sampling, "
                                            "training, the arith generator")
@@ -302,20 +306,10 @@ class RunConfig(Section):
     engine: EngineSection = Field(default_factory=EngineSection, description="rollout engine")
     credit: CreditSection = Field(default_factory=CreditSection, description="credit assignment")
     train: RunTrain = Field(default_factory=RunTrain, description="training (docs/train.md)")
-    deepspeed: DeepSpeedSection | None = Field(None, description="a DeepSpeed JSON path or "
+    deepspeed: DeepSpeedEntry = Field(None, description="a DeepSpeed JSON path or "
                                                "{config, nproc}: train under torchrun, one "
                                                "engine per role")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="evaluation")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, v):
-        return _device(v)
-
-    @field_validator("deepspeed", mode="before")
-    @classmethod
-    def _deepspeed_path(cls, v):
-        return _deepspeed_entry(v)
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -331,22 +325,13 @@ class TrainJob(Section):
     tokenizer: str | None = Field(None, description="defaults to the model path")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32",
                                                                      description="model dtype")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N (auto: CUDA when available)")
+    device: Device = Field("cpu", description="cpu, cuda or cuda:N (auto: CUDA when available)")
     data: str = Field(description="directory with sft_{role}.jsonl, dpo_{role}.jsonl")
     out: str = Field(description="checkpoints, state and metrics go here")
     init: str | None = Field(None, description="a directory of trained roles to start from")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training")
-    deepspeed: DeepSpeedSection | None = Field(None, description="train under DeepSpeed")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, v):
-        return _device(v)
-
-    @field_validator("deepspeed", mode="before")
-    @classmethod
-    def _deepspeed_path(cls, v):
-        return _deepspeed_entry(v)
+    deepspeed: DeepSpeedEntry = Field(None, description="train under DeepSpeed (a JSON path or "
+                                      "{config, nproc})")
 
 
 def round_thetas(cfg) -> list[float]:
