@@ -152,6 +152,16 @@ class RunTrain(TrainConfig):
 
     seed: NonNegInt | None = Field(None, description="training seed; null = the run's seed (round "
                                                      "r: seed + 1000 (r - 1))")
+    seeds: list[NonNegInt] | None = Field(None, description="train the roles (and STaR) once per "
+                                          "seed, from the same trees, and evaluate each; the "
+                                          "table then averages over training x evaluation seeds")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("expected a non-empty list of distinct integers")
+        return v
 
 
 class RoleBudgets(Section):
@@ -314,6 +324,9 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _schedule(self):
         round_thetas(self)  # raises for a schedule that does not fit `rounds`
+        if self.train.seeds is not None and self.rounds > 1:
+            raise ValueError("train.seeds: one training seed per round only (round r + 1 starts "
+                             "from round r's roles); set rounds: 1 or drop train.seeds")
         return self
 
 
@@ -522,7 +535,7 @@ def run_dict(cfg: dict, source="config") -> dict:
 def train_config(cfg: dict, seed: int | None = None) -> TrainConfig:
     """A checked run config's `train:` section as the trainer's TrainConfig; its seed is the
     section's own, else `seed` (the round's), else the run's."""
-    train = dict(cfg["train"])
+    train = {k: v for k, v in cfg["train"].items() if k != "seeds"}
     if train["seed"] is None:
         train["seed"] = cfg["seed"] if seed is None else seed
     return TrainConfig(**train)

@@ -351,41 +351,55 @@ class Run:
         return out
 
     def train(self, data: Path) -> list[str]:
-        """Train the roles, in this process or under torchrun (`deepspeed:`), unless every role
-        of train.roles is exported already; then make the trained roles the ones that
-        role_engines() decodes with. Returns those roles."""
+        """Train the roles, in this process or under torchrun (`deepspeed:`), once per training
+        seed (`train.seeds`, else one run), skipping each seed whose roles are all exported; then
+        make the trained roles the ones that role_engines() decodes with (the last seed's).
+        Returns those roles."""
         self.guard("train")
-        if self.trained():
-            self.log(f"train: {self.checkpoints()} complete, skipped")
-        else:
-            from malt_fast.train.trainer import Trainer
-
-            cfg = train_config(self.cfg, seed=self.seed)
-            t0 = time.perf_counter()
-            if self.cfg["deepspeed"] is None:
-                self.models.roles = {}  # full: the trainer loads each role's start when it starts
-                Trainer(self.model, self.tok, data, self.dir / "train", cfg, log=self.log,
-                        init_from=self.previous_checkpoints()).run()
+        for t in self.training_seeds():
+            if self.trained(t=t):
+                self.log(f"train: {self.checkpoints(t)} complete, skipped")
             else:
-                self.train_deepspeed(data, cfg)
-            self.record("train", time.perf_counter() - t0)
-        if self.star:
-            self.train_star(data)
-        return self.use_roles(self.checkpoints())
+                from malt_fast.train.trainer import Trainer
 
-    def train_star(self, data: Path) -> None:
+                cfg = self.train_cfg(t)
+                t0 = time.perf_counter()
+                if self.cfg["deepspeed"] is None:
+                    self.models.roles = {}  # full: the trainer loads each role's start itself
+                    Trainer(self.model, self.tok, data, self.train_dir(t), cfg, log=self.log,
+                            init_from=self.previous_checkpoints()).run()
+                else:
+                    self.train_deepspeed(data, cfg, self.train_dir(t))
+                self.record("train", time.perf_counter() - t0, training_seed=cfg.seed)
+            if self.star:
+                self.train_star(data, t)
+        return self.use_roles(self.checkpoints(t))
+
+    def training_seeds(self) -> list:
+        """`train.seeds`, or [None]: one training run with train.seed (else the round's seed)."""
+        return list(self.cfg["train"]["seeds"] or [None])
+
+    def train_cfg(self, t=None):
+        cfg = train_config(self.cfg, seed=self.seed)
+        return cfg if t is None else cfg.model_copy(update={"seed": t})
+
+    def train_dir(self, t=None) -> Path:
+        """Where training seed t trains (RUN_DIR/train, or RUN_DIR/train/seed-T with seeds)."""
+        return self.dir / "train" if t is None else self.dir / "train" / f"seed-{t}"
+
+    def train_star(self, data: Path, t=None) -> None:
         """The STaR baseline's single agent, trained in this process like a fourth role (SFT on
         sft_star.jsonl, the run's finetune mode), unless it is exported already."""
-        if self.trained((STAR,)):
+        if self.trained((STAR,), t):
             return
         from malt_fast.train.trainer import Trainer
 
-        cfg = train_config(self.cfg, seed=self.seed).model_copy(update={"roles": (STAR,)})
+        cfg = self.train_cfg(t).model_copy(update={"roles": (STAR,)})
         t0 = time.perf_counter()
-        Trainer(self.model, self.tok, data, self.dir / "train", cfg, log=self.log).run()
-        self.record("train_star", time.perf_counter() - t0)
+        Trainer(self.model, self.tok, data, self.train_dir(t), cfg, log=self.log).run()
+        self.record("train_star", time.perf_counter() - t0, training_seed=cfg.seed)
 
-    def train_deepspeed(self, data: Path, cfg) -> None:
+    def train_deepspeed(self, data: Path, cfg, out: Path) -> None:
         """`deepspeed.nproc` processes under torchrun, each running `malt-fast train` on a config
         written here (one DeepSpeed engine per role, docs/distributed.md). This process drops its
         models first, as the ranks load their own. A killed stage resumes from DeepSpeed's
@@ -394,7 +408,6 @@ class Run:
         from malt_fast.train.distributed import free_port, parse_spec
 
         spec = parse_spec(self.cfg["deepspeed"], "config")
-        out = self.dir / "train"
         job = {"model": str(self.model_path), "tokenizer": str(self.cfg["tokenizer"] or
                                                               self.model_path),
                "dtype": self.cfg["dtype"], "data": str(data), "out": str(out),
@@ -422,22 +435,24 @@ class Run:
         """The STaR baseline is trained and evaluated in round 1; later rounds copy its row."""
         return self.cfg["evaluate"]["star"] and self.round == 1
 
-    def checkpoints(self) -> Path:
-        return self.dir / "train" / "checkpoints"
+    def checkpoints(self, t=None) -> Path:
+        return self.train_dir(t) / "checkpoints"
 
-    def trained(self, roles=None) -> bool:
-        """Every role of `roles` (default train.roles) exported (an export writes its config
-        file last)."""
+    def trained(self, roles=None, t=None) -> bool:
+        """Every role of `roles` (default train.roles) exported by training seed t (an export
+        writes its config file last)."""
         marker = "adapter_config.json" if self.finetune == "lora" else "config.json"
         roles = train_config(self.cfg).roles if roles is None else roles
-        return all((self.checkpoints() / r / marker).is_file() for r in roles)
+        return all((self.checkpoints(t) / r / marker).is_file() for r in roles)
 
     def load_trained(self) -> bool:
-        """This round's trained roles, if its training stage finished (a standalone evaluate);
-        roles left out of train.roles decode with the base."""
-        if not self.trained():
+        """This round's trained roles (the last training seed's), if its training stage
+        finished for every training seed (a standalone evaluate); roles left out of train.roles
+        decode with the base."""
+        seeds = self.training_seeds()
+        if not all(self.trained(t=t) for t in seeds):
             return False
-        self.use_roles(self.checkpoints())
+        self.use_roles(self.checkpoints(seeds[-1]))
         return True
 
     def use_roles(self, ckpt_dir) -> list[str]:
@@ -468,11 +483,13 @@ class Run:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def evaluate(self, trained: bool, base: dict | None = None) -> dict:
-        """SA, SA+MV@3, MA, MA+MV@3 (and MALT, MALT+MV@3 when `trained`) over the seeds.
+        """SA, SA+MV@3, MA, MA+MV@3 (and MALT, MALT+MV@3, STaR when `trained`) over the seeds.
 
-        One file per finished seed (eval/seeds/seed-S.json), so a killed evaluation resumes at
-        the first unfinished seed. With `base` (round 1's results) only the trained pipeline is
-        run and the untrained methods are copied from `base`."""
+        The untrained methods are one part per evaluation seed (eval/seeds/seed-S.json), the
+        trained ones one part per training and evaluation seed (trained-T-seed-S.json), so a
+        killed evaluation resumes at the first unfinished part. With several training seeds a
+        trained method's seed key is "T/S". With `base` (round 1's results) only the trained
+        methods run and the untrained ones are copied from `base`."""
         from malt_fast.eval.evaluate import evaluate, write_report
         from malt_fast.malt.expand import level_sampling
         from malt_fast.malt.trees import atomic_write_text
@@ -487,31 +504,43 @@ class Run:
             base = None  # nothing trained to evaluate: fall back to the full evaluation
         test = self.examples("test")
         t0 = time.perf_counter()
-        engines = {}  # built on the first seed that needs them (none when all are done)
-        parts = []
-        for seed in e["seeds"]:
-            path = out / "seeds" / f"seed-{seed}.json"
+        kw = dict(questions=e["questions"], chains=e["chains"], sampling=level_sampling(c),
+                  prompts_path=c["prompts"])
+
+        def part(path: Path, compute) -> dict:
             if path.is_file():
-                parts.append(json.loads(path.read_text()))
-                continue
-            if not engines:
-                engines["base"] = self.engine(None) if base is None else None
-                engines["tuned"] = self.role_engines() if trained else None
-                engines["star"] = self.role_engine(STAR) if trained and self.star else None
-            kw = dict(seeds=(seed,), questions=e["questions"], chains=e["chains"],
-                      sampling=level_sampling(c), prompts_path=c["prompts"])
-            if base is None:
-                part = evaluate(test, engines["base"], engines["tuned"], engines["star"], **kw)
-            else:
-                # the trained roles in the base slot: its "MA" is exactly MALT as evaluate()
-                # computes it (same question subset and chain seeds for this seed)
-                r = evaluate(test, engines["tuned"], None, **kw)
-                part = {**r, "methods": {"MALT": r["methods"]["MA"],
-                                         "MALT+MV@3": r["methods"]["MA+MV@3"]},
-                        "transitions": {"MALT": r["transitions"]["MA"]}}
-            atomic_write_text(path, json.dumps(part) + "\n")
-            parts.append(part)
+                done = json.loads(path.read_text())
+                if "per_question" in done:  # (parts of older versions lack it: redone)
+                    return done
+            result = compute()
+            atomic_write_text(path, json.dumps(result) + "\n")
+            return result
+
+        parts, engine = [], {}  # engines are built when a part needs them
+        if base is None:
+            for seed in e["seeds"]:
+                def untrained(seed=seed):
+                    engine.setdefault("base", self.engine(None))
+                    return evaluate(test, engine["base"], seeds=(seed,), **kw)
+                parts.append(part(out / "seeds" / f"seed-{seed}.json", untrained))
+            engine.clear()
+        for t in self.training_seeds() if trained else []:
+            for seed in e["seeds"]:
+                def trained_part(seed=seed, t=t):
+                    if not engine:
+                        self.use_roles(self.checkpoints(t))
+                        engine["tuned"] = self.role_engines()
+                        engine["star"] = self.role_engine(STAR) if self.star else None
+                    r = evaluate(test, None, engine["tuned"], engine["star"], seeds=(seed,), **kw)
+                    if t is not None:
+                        r["per_question"] = {m: {f"{t}/{k}": v for k, v in q.items()}
+                                             for m, q in r["per_question"].items()}
+                    return r
+                name = "trained" if t is None else f"trained-{t}"
+                parts.append(part(out / "seeds" / f"{name}-seed-{seed}.json", trained_part))
+            engine.clear()
         results = combine_seeds(parts, e, base)
+        results["training_seeds"] = [x for x in self.training_seeds() if x is not None]
         write_report(results, out)
         self.record("evaluate", time.perf_counter() - t0)
         return results
@@ -586,30 +615,26 @@ def use_adapters(model, ckpt_dir) -> list[str]:
 
 def combine_seeds(parts: list[dict], e: dict, base: dict | None = None) -> dict:
     """Per-seed evaluate() results -> the results of one evaluate() over all the seeds (same
-    numbers: per-seed accuracies are concatenated, mean and std recomputed, counts summed)."""
-    from malt_fast.eval.evaluate import METHODS, mean_std
+    numbers: the per-question records are merged, accuracies, comparisons and counts
+    recomputed). With `base` (round 1's results) the untrained methods are round 1's."""
+    from malt_fast.eval.evaluate import summarize
 
-    per_seed = {m: [] for m in METHODS}
+    per_question: dict[str, dict] = {}
     transitions: dict[str, dict] = {}
     if base is not None:
         transitions["MA"] = base["transitions"]["MA"]
+        per_question = {m: dict(q) for m, q in base["per_question"].items()
+                        if not m.startswith("MALT")}
     for p in parts:
-        for m, r in p["methods"].items():
-            per_seed[m] += r["per_seed"]
+        for m, seeds in p["per_question"].items():
+            per_question.setdefault(m, {}).update(seeds)
         for name, t in p["transitions"].items():
             acc = transitions.setdefault(name, {k: 0 for k in t})
             for k, v in t.items():
                 acc[k] += v
-    methods = {}
-    for m in METHODS:
-        if base is not None and m in base["methods"] and not m.startswith("MALT"):
-            methods[m] = base["methods"][m]
-        elif per_seed[m]:
-            mean, std = mean_std(per_seed[m])
-            methods[m] = {"per_seed": per_seed[m], "mean": mean, "std": std}
-    return {"dataset": parts[0]["dataset"], "seeds": list(e["seeds"]),
-            "questions": e["questions"], "chains": e["chains"], "methods": methods,
-            "transitions": transitions}
+    return summarize({"dataset": parts[0]["dataset"], "seeds": list(e["seeds"]),
+                      "questions": e["questions"], "chains": e["chains"],
+                      "transitions": transitions, "per_question": per_question})
 
 
 def format_credit(summary: dict, round_no=None) -> str:
@@ -719,7 +744,7 @@ def plot_rounds(summary: dict, path: Path) -> None:
 def run_pipeline(cfg: dict, log=print) -> dict:
     """Every round's stages in order, each skipped or resumed as its files say; prints the
     results table and where the outputs are. Returns the last round's results."""
-    from malt_fast.eval.evaluate import format_table
+    from malt_fast.eval.evaluate import format_table, seeds_phrase
 
     first = Run(cfg, log)
     rounds = []
@@ -739,7 +764,7 @@ def run_pipeline(cfg: dict, log=print) -> dict:
     log("\n" + "\n".join(format_credit(r["summary"], r["round"] if cfg["rounds"] > 1 else None)
                          for r in rounds))
     log(f"\nresults ({last['results']['dataset']}, accuracy in %, mean ± std over "
-        f"{len(last['results']['seeds'])} seeds"
+        f"{seeds_phrase(last['results'])}"
         + (f", round {cfg['rounds']}" if cfg["rounds"] > 1 else "") + "):")
     log(format_table(last["results"]))
     where = [f"\nrun directory: {first.root}"]

@@ -354,33 +354,39 @@ def test_combine_seeds_is_one_evaluation_over_all_seeds():
     from malt_fast.eval.evaluate import mean_std
     from malt_fast.pipeline import combine_seeds
 
+    def qs(seed, correct):  # two questions per seed, the given correctness each
+        return {str(seed): {f"q{seed}-{k}": {"answer": "1", "correct": c}
+                            for k, c in enumerate(correct)}}
+
     def part(seed, sa, ma, malt_):
         t = {"wrong_to_right": seed, "right_to_wrong": 1, "chains": 6}
         return {"dataset": "arith", "seeds": [seed], "questions": 2, "chains": 3,
-                "methods": {"SA": {"per_seed": [sa]}, "MA": {"per_seed": [ma]},
-                            "MALT": {"per_seed": [malt_]}},
+                "per_question": {"SA": qs(seed, sa), "MA": qs(seed, ma), "MALT": qs(seed, malt_)},
                 "transitions": {"MA": dict(t), "MALT": dict(t)}}
 
     e = {"seeds": [3, 5, 7], "questions": 2, "chains": 3}
-    got = combine_seeds([part(3, 0.5, 0.25, 1.0), part(5, 0.0, 0.5, 0.5),
-                         part(7, 1.0, 0.0, 0.0)], e)
+    got = combine_seeds([part(3, [1, 0], [0.5, 0], [1, 1]), part(5, [0, 0], [1, 0], [1, 0]),
+                         part(7, [1, 1], [0, 0], [0, 0])], e)
     assert list(got["methods"]) == ["SA", "MA", "MALT"]  # evaluate()'s method order
     assert got["methods"]["SA"]["per_seed"] == [0.5, 0.0, 1.0]
     mean, std = mean_std([1.0, 0.5, 0.0])
     assert got["methods"]["MALT"]["mean"] == mean and got["methods"]["MALT"]["std"] == std
     assert got["transitions"]["MA"] == {"wrong_to_right": 15, "right_to_wrong": 3, "chains": 18}
     assert got["seeds"] == [3, 5, 7] and got["questions"] == 2 and got["chains"] == 3
+    assert set(got["per_question"]["MALT"]) == {"3", "5", "7"}
+    (malt_ma, malt_sa) = [c for c in got["comparisons"] if c["a"] == "MALT"]
+    assert (malt_ma["b"], malt_ma["units"]) == ("MA", 6)
+    assert malt_ma["diff"] == pytest.approx(100 * (3 - 1.5) / 6)
     # a later round: untrained methods copied from round 1, only MALT combined from the parts
-    base = {"methods": {"SA": {"per_seed": [9], "mean": 9, "std": 0},
-                        "MA": {"per_seed": [8], "mean": 8, "std": 0},
-                        "MALT": {"per_seed": [7], "mean": 7, "std": 0}},
+    base = {"per_question": {"SA": qs(0, [1, 1]) | qs(1, [0, 1]), "MA": qs(0, [0, 0]) | qs(1, [1, 0]),
+                             "MALT": qs(0, [0, 0]) | qs(1, [0, 0])},
             "transitions": {"MA": {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 1}}}
-    later = [{"dataset": "arith", "methods": {"MALT": {"per_seed": [x]}},
+    later = [{"dataset": "arith", "per_question": {"MALT": qs(s, c)},
               "transitions": {"MALT": {"wrong_to_right": 1, "right_to_wrong": 0, "chains": 6}}}
-             for x in (0.5, 1.0)]
+             for s, c in ((0, [1, 0]), (1, [1, 1]))]
     got = combine_seeds(later, {"seeds": [0, 1], "questions": 2, "chains": 3}, base)
-    assert got["methods"]["SA"] == base["methods"]["SA"]
-    assert got["methods"]["MA"] == base["methods"]["MA"]
+    assert got["methods"]["SA"]["per_seed"] == [1.0, 0.5]
+    assert got["methods"]["MA"]["per_seed"] == [0.0, 0.5]
     assert got["methods"]["MALT"]["per_seed"] == [0.5, 1.0]  # round 1's MALT not copied
     assert got["transitions"] == {"MA": base["transitions"]["MA"],
                                   "MALT": {"wrong_to_right": 2, "right_to_wrong": 0, "chains": 12}}

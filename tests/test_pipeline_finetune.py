@@ -56,11 +56,9 @@ def spy(monkeypatch):
             seen["expand"].append({r: weights_of(e) for r, e in engine.items()})
         return real_expand(examples, engine, *args, **kwargs)
 
-    def evaluate(test, base_engines, trained_engines=None, *args, **kwargs):
-        # later rounds pass the trained roles in the base slot (pipeline.Run.evaluate)
-        tuned = base_engines if trained_engines is None else trained_engines
-        if isinstance(tuned, dict):
-            seen["evaluate"].append({r: weights_of(e) for r, e in tuned.items()})
+    def evaluate(test, base_engines=None, trained_engines=None, *args, **kwargs):
+        if isinstance(trained_engines, dict):
+            seen["evaluate"].append({r: weights_of(e) for r, e in trained_engines.items()})
         return real_evaluate(test, base_engines, trained_engines, *args, **kwargs)
 
     monkeypatch.setattr(expand_mod, "run_expand", expand)

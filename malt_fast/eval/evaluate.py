@@ -17,6 +17,11 @@ weights, not by their luck.
 Majority vote: answers are grouped by the dataset's equivalence check, unanswered outputs do not
 vote, the largest group wins, and a tie goes to the group whose first answer came from the
 earliest chain (deterministic); no answers at all counts as wrong.
+
+Besides the accuracies, the results keep every answer: `per_question[method][seed][question id]
+= {answer, correct}` (a majority-vote method: its answer and 1.0 or 0.0; a single-sample method:
+the chains' answers and the fraction that was right), and `comparisons`, the paired statistics of
+the pairs the paper reports (malt_fast.eval.stats).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import random
 from pathlib import Path
 
 from malt_fast.data import Example
+from malt_fast.eval.stats import comparisons, significant
 from malt_fast.malt.answers import answers_equal, extract_answer
 from malt_fast.malt.expand import role_layout
 from malt_fast.malt.prompts import load_prompts, question_text
@@ -111,6 +117,19 @@ def score(answers: list[dict], examples: list[Example]) -> dict:
             "chains": n * len(answers[0]["final"])}
 
 
+def question_records(answers: list[dict], examples: list[Example], key: str) -> tuple[dict, dict]:
+    """Per question id, the records of answers[i][key] ("generator" or "final") as one sample
+    (the chains' answers, the fraction right) and as a majority vote (its answer, 1.0 / 0.0)."""
+    single, vote = {}, {}
+    for a, ex in zip(answers, examples):
+        chain = a[key]
+        single[ex.id] = {"answer": chain,
+                         "correct": sum(correct(x, ex) for x in chain) / len(chain)}
+        m = majority(chain, ex)
+        vote[ex.id] = {"answer": m, "correct": float(correct(m, ex))}
+    return single, vote
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     if len(xs) < 2:
@@ -118,46 +137,59 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def evaluate(test: list[Example], base_engines, trained_engines=None, star_engine=None,
+def evaluate(test: list[Example], base_engines=None, trained_engines=None, star_engine=None,
              seeds=(0, 1, 2), questions: int = 30, chains: int = 3, sampling=None,
              prompts_path=None) -> dict:
-    """Accuracy per method and seed. `*_engines`: one Engine or a dict role -> Engine;
-    `star_engine`: the STaR-trained single agent."""
+    """Accuracy per method and seed of whichever engines are given: `base_engines` (SA, MA and
+    their MV@3), `trained_engines` (MALT), `star_engine` (the STaR-trained single agent). An
+    `*_engines` argument is one Engine or a dict role -> Engine."""
     if not test:
         raise ValueError("evaluate: the test set is empty")
-    per_seed: dict[str, list[float]] = {m: [] for m in METHODS}
-    transitions = {"MA": {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 0},
-                   "MALT": {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 0}}
+    per_question: dict[str, dict] = {m: {} for m in METHODS}
+    transitions = {}
+
+    def record(single, vote, answers, subset, key, seed):
+        per_question[single][str(seed)], per_question[vote][str(seed)] = \
+            question_records(answers, subset, key)
+
+    def count(name, answers, subset):
+        t = transitions.setdefault(name, {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 0})
+        for k, v in score(answers, subset).items():
+            if k in t:
+                t[k] += v
+
     for seed in seeds:
         subset = random.Random(seed).sample(test, min(questions, len(test)))
-        base = score(run_chains(base_engines, subset, chains, sampling, seed, prompts_path), subset)
-        per_seed["SA"].append(base["generator"])
-        per_seed["SA+MV@3"].append(base["generator_mv"])
-        per_seed["MA"].append(base["final"])
-        per_seed["MA+MV@3"].append(base["final_mv"])
-        for k in ("wrong_to_right", "right_to_wrong", "chains"):
-            transitions["MA"][k] += base[k]
+        if base_engines is not None:
+            base = run_chains(base_engines, subset, chains, sampling, seed, prompts_path)
+            record("SA", "SA+MV@3", base, subset, "generator", seed)
+            record("MA", "MA+MV@3", base, subset, "final", seed)
+            count("MA", base, subset)
         if star_engine is not None:
-            star = score(run_single(star_engine, subset, chains, sampling, seed, prompts_path),
-                         subset)
-            per_seed["STaR"].append(star["generator"])
-            per_seed["STaR+MV@3"].append(star["generator_mv"])
+            star = run_single(star_engine, subset, chains, sampling, seed, prompts_path)
+            record("STaR", "STaR+MV@3", star, subset, "generator", seed)
         if trained_engines is not None:
-            malt = score(run_chains(trained_engines, subset, chains, sampling, seed,
-                                    prompts_path), subset)
-            per_seed["MALT"].append(malt["final"])
-            per_seed["MALT+MV@3"].append(malt["final_mv"])
-            for k in ("wrong_to_right", "right_to_wrong", "chains"):
-                transitions["MALT"][k] += malt[k]
+            malt = run_chains(trained_engines, subset, chains, sampling, seed, prompts_path)
+            record("MALT", "MALT+MV@3", malt, subset, "final", seed)
+            count("MALT", malt, subset)
+    per_question = {m: q for m, q in per_question.items() if q}
+    return summarize({"dataset": test[0].dataset, "seeds": list(seeds), "questions": questions,
+                      "chains": chains, "transitions": transitions,
+                      "per_question": per_question})
+
+
+def summarize(results: dict) -> dict:
+    """`methods` (per-seed accuracy, mean, std) and `comparisons`, from `per_question`; a seed
+    key "t/e" (training seed t, evaluation seed e) counts as a seed of its own."""
     methods = {}
-    for m, xs in per_seed.items():
-        if xs:
-            mean, std = mean_std(xs)
-            methods[m] = {"per_seed": xs, "mean": mean, "std": std}
-    if trained_engines is None:
-        transitions.pop("MALT")
-    return {"dataset": test[0].dataset, "seeds": list(seeds), "questions": questions,
-            "chains": chains, "methods": methods, "transitions": transitions}
+    for m in METHODS:
+        seeds = results["per_question"].get(m)
+        if not seeds:
+            continue
+        xs = [sum(r["correct"] for r in qs.values()) / len(qs) for qs in seeds.values()]
+        mean, std = mean_std(xs)
+        methods[m] = {"per_seed": xs, "mean": mean, "std": std}
+    return {**results, "methods": methods, "comparisons": comparisons(results["per_question"])}
 
 
 def write_report(results: dict, out_dir) -> dict:
@@ -170,7 +202,8 @@ def write_report(results: dict, out_dir) -> dict:
     ds = results["dataset"]
     lines = [f"# Results: {ds}", "",
              f"{len(results['seeds'])} seeds × {results['questions']} test questions, "
-             f"{results['chains']} chains each; accuracy in %, mean ± std over seeds.", "",
+             f"{results['chains']} chains each; accuracy in %, mean ± std over "
+             f"{seeds_phrase(results)}.", "",
              f"| Method | {ds} |", "| --- | --- |"]
     for m, r in results["methods"].items():
         lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} |")
@@ -179,10 +212,31 @@ def write_report(results: dict, out_dir) -> dict:
               "| Pipeline | wrong → right | right → wrong | chains |", "| --- | --- | --- | --- |"]
     for name, t in results["transitions"].items():
         lines.append(f"| {name} | {t['wrong_to_right']} | {t['right_to_wrong']} | {t['chains']} |")
+    if results.get("comparisons"):
+        lines += ["", "Paired comparisons on the same questions and seeds (a − b in points; 95% "
+                  "paired bootstrap interval over (seed, question) units; exact sign / McNemar "
+                  "test; questions where only one of the two did better):", "",
+                  "| a − b | diff | 95% CI | p | only a / only b | |", "| --- | --- | --- | --- "
+                  "| --- | --- |"]
+        for c in results["comparisons"]:
+            verdict = "significant" if significant(c) else "not significant (CI contains 0)"
+            lines.append(f"| {c['a']} − {c['b']} | {c['diff']:+.1f} | [{c['ci_low']:+.1f}, "
+                         f"{c['ci_high']:+.1f}] | {c['p']:.3g} | {c['only_a']} / {c['only_b']} "
+                         f"| {verdict} |")
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     plot_accuracy(results, out_dir / "plots" / "accuracy.png")
     return {"results": out_dir / "results.json", "report": out_dir / "report.md",
             "plot": out_dir / "plots" / "accuracy.png"}
+
+
+def seeds_phrase(results: dict) -> str:
+    """What a mean ± std is over: evaluation seeds, and for trained methods also training
+    seeds."""
+    e, t = len(results["seeds"]), len(results.get("training_seeds") or [])
+    if t:
+        return (f"{t} training × {e} evaluation seeds (trained methods: STaR, MALT) and {e} "
+                "evaluation seeds (untrained methods)")
+    return f"{e} evaluation seeds"
 
 
 def plot_accuracy(results: dict, path: Path) -> None:
@@ -197,7 +251,7 @@ def plot_accuracy(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
     ax.bar(names, means, yerr=stds, capsize=4, color="#4C72B0")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{results['dataset']}: mean ± std over {len(results['seeds'])} seeds")
+    ax.set_title(f"{results['dataset']}: mean ± std over seeds", fontsize=10)
     ax.set_ylim(0, 100)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -205,7 +259,17 @@ def plot_accuracy(results: dict, path: Path) -> None:
 
 
 def format_table(results: dict) -> str:
+    """The accuracy table, then the paired comparisons (a difference whose 95% interval holds 0
+    is printed as not significant)."""
     rows = [f"{'method':<10} {'accuracy (%)':>16}"]
     for m, r in results["methods"].items():
         rows.append(f"{m:<10} {100 * r['mean']:>8.2f} ± {100 * r['std']:<6.2f}")
+    comps = results.get("comparisons") or []
+    if comps:
+        rows += ["", f"paired, same questions and seeds ({comps[0]['units']} units): a - b "
+                     "points [95% CI], sign-test p"]
+        for c in comps:
+            mark = "" if significant(c) else "   not significant"
+            rows.append(f"{c['a'] + ' - ' + c['b']:<22} {c['diff']:+6.1f} [{c['ci_low']:+.1f}, "
+                        f"{c['ci_high']:+.1f}]  p={c['p']:.3g}{mark}")
     return "\n".join(rows)
