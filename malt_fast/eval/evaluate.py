@@ -272,4 +272,9 @@ def format_table(results: dict) -> str:
             mark = "" if significant(c) else "   not significant"
             rows.append(f"{c['a'] + ' - ' + c['b']:<22} {c['diff']:+6.1f} [{c['ci_low']:+.1f}, "
                         f"{c['ci_high']:+.1f}]  p={c['p']:.3g}{mark}")
+        if not any(significant(c) for c in comps):
+            rows.append(f"At this size ({comps[0]['units']} questions x seeds) no difference is "
+                        "significant: this run shows the pipeline works, not which method is "
+                        "better. For that, evaluate more questions with more training data, e.g. "
+                        "`malt-fast run configs/arith_100.yaml` (benchmarks/results/malt.md).")
     return "\n".join(rows)
