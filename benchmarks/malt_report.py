@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/malt_report.py runs/default runs/arith_100
 
-Per run: accuracy per method (mean ± std over seeds, and each seed), the refiner's wrong → right
-and right → wrong transitions, wall time per stage (from RUN_DIR/metrics.jsonl), and the size of
-the training data (from data/summary.json). Reads files only; runs no model.
+Per run: accuracy per method (mean ± std over seeds, and each seed), the paired comparisons of
+results.json, the refiner's wrong → right and right → wrong transitions, wall time per stage (from
+RUN_DIR/metrics.jsonl), and the size of the training data and the share of replies cut by the
+token budget (from data/summary.json). Reads files only; runs no model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from malt_fast.eval.evaluate import seeds_phrase
+from malt_fast.eval.stats import significant
 
 
 def stage_times(run: Path) -> dict[str, float]:
@@ -31,11 +35,20 @@ def report(run: Path) -> str:
     seeds = results["seeds"]
     lines = [f"### `{run}`", "",
              f"{summary['questions']} training questions; evaluation: {len(seeds)} seeds × "
-             f"{results['questions']} test questions × {results['chains']} chains.", "",
+             f"{results['questions']} test questions × {results['chains']} chains; mean ± std "
+             f"over {seeds_phrase(results)}.", "",
              "| method | accuracy % (mean ± std) | per seed |", "| --- | --- | --- |"]
     for m, r in results["methods"].items():
         per = ", ".join(f"{100 * x:.1f}" for x in r["per_seed"])
         lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {per} |")
+    if results.get("comparisons"):
+        lines += ["", "| a − b (paired) | diff, points | 95% CI | p | only a / only b | units |",
+                  "| --- | ---: | --- | ---: | --- | ---: |"]
+        for c in results["comparisons"]:
+            mark = "" if significant(c) else " (not significant)"
+            lines.append(f"| {c['a']} − {c['b']} | {c['diff']:+.1f} | [{c['ci_low']:+.1f}, "
+                         f"{c['ci_high']:+.1f}]{mark} | {c['p']:.2g} | {c['only_a']} / "
+                         f"{c['only_b']} | {c['units']} |")
     lines += ["", "| pipeline | wrong → right | right → wrong | chains |", "| --- | --- | --- | --- |"]
     for name, t in results["transitions"].items():
         lines.append(f"| {name} | {t['wrong_to_right']} | {t['right_to_wrong']} | {t['chains']} |")
@@ -46,7 +59,9 @@ def report(run: Path) -> str:
         lines.append(f"| {stage} | {s:.0f} | {100 * s / total:.0f}% |")
     lines.append(f"| total (stages) | {total:.0f} | 100% |")
     roles = summary["roles"]
-    data = "; ".join(f"{r}: {v['sft']} SFT rows, {v['pairs']} DPO pairs" for r, v in roles.items())
+    data = "; ".join(f"{r}: {v['sft']} SFT rows, {v['pairs']} DPO pairs"
+                     + (f", {100 * v['cut_fraction']:.1f}% of replies cut" if "cut_fraction" in v
+                        else "") for r, v in roles.items())
     star = summary.get("star", {}).get("sft")
     lines += ["", f"Training data: {data}" + (f"; STaR: {star} SFT rows." if star else ".")]
     return "\n".join(lines) + "\n"

@@ -215,11 +215,12 @@ def write_report(results: dict, out_dir) -> dict:
     if results.get("comparisons"):
         lines += ["", "Paired comparisons on the same questions and seeds (a − b in points; 95% "
                   "paired bootstrap interval over (seed, question) units; exact sign / McNemar "
-                  "test; questions where only one of the two did better):", "",
+                  "test; questions where only one of the two did better; significant: the interval "
+                  "excludes 0 and p < 0.05):", "",
                   "| a − b | diff | 95% CI | p | only a / only b | |", "| --- | --- | --- | --- "
                   "| --- | --- |"]
         for c in results["comparisons"]:
-            verdict = "significant" if significant(c) else "not significant (CI contains 0)"
+            verdict = "significant" if significant(c) else "not significant"
             lines.append(f"| {c['a']} − {c['b']} | {c['diff']:+.1f} | [{c['ci_low']:+.1f}, "
                          f"{c['ci_high']:+.1f}] | {c['p']:.3g} | {c['only_a']} / {c['only_b']} "
                          f"| {verdict} |")
@@ -259,8 +260,8 @@ def plot_accuracy(results: dict, path: Path) -> None:
 
 
 def format_table(results: dict) -> str:
-    """The accuracy table, then the paired comparisons (a difference whose 95% interval holds 0
-    is printed as not significant)."""
+    """The accuracy table, then the paired comparisons (a difference whose 95% interval holds 0,
+    or whose p is 0.05 or more, is printed as not significant)."""
     rows = [f"{'method':<10} {'accuracy (%)':>16}"]
     for m, r in results["methods"].items():
         rows.append(f"{m:<10} {100 * r['mean']:>8.2f} ± {100 * r['std']:<6.2f}")

@@ -85,6 +85,8 @@ def comparisons(per_question: dict, pairs=COMPARISONS) -> list[dict]:
     return [c for c in (compare(per_question, a, b) for a, b in pairs) if c is not None]
 
 
-def significant(c: dict) -> bool:
-    """The 95% interval excludes 0."""
-    return c["ci_low"] > 0 or c["ci_high"] < 0
+def significant(c: dict, alpha: float = 0.05) -> bool:
+    """The 95% interval excludes 0 and the exact test rejects at `alpha`. Both, because with a
+    handful of units the percentile bootstrap is degenerate: 4 units that all favour a give
+    the interval [diff, diff], while the sign test says p = 0.125."""
+    return (c["ci_low"] > 0 or c["ci_high"] < 0) and c["p"] < alpha

@@ -44,6 +44,14 @@ def test_one_sided():
     assert (flipped["only_a"], flipped["only_b"]) == (0, 10)
 
 
+def test_few_units_are_not_significant_on_a_degenerate_interval():
+    # 4 of 4 units favour a: the bootstrap interval is [100, 100], the sign test p = 1/8
+    c = compare(pq(A={0: [1, 1, 1, 1]}, B={0: [0, 0, 0, 0]}), "A", "B")
+    assert (c["ci_low"], c["ci_high"], c["p"]) == (100.0, 100.0, 0.125)
+    assert not significant(c)
+    assert significant(c, alpha=0.2)
+
+
 def test_ties_and_fractions():
     # single-sample scores are fractions of chains: 2/3 vs 1/3 is a win, equal fractions a tie
     c = compare(pq(A={0: [2 / 3, 1 / 3, 1, 0]}, B={0: [1 / 3, 2 / 3, 1, 0]}), "A", "B")
