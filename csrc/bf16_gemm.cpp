@@ -26,13 +26,21 @@ constexpr int64_t kMc = 192;
 // Pairs of k per pass over a B panel: 320 x 32 words = 40 KiB, within a 48 KiB L1 with the A
 // lines streaming past. H = 576 (288 pairs) then runs in one pass; longer k (a 4096-vocab chunk
 // as the reduction of grad_hidden) in passes that reload the fp32 C tile.
-constexpr int64_t kMaxKc = 160;
+constexpr int64_t kMaxKc = 256;
+
+at::Tensor packed_buffer(int64_t k2, int64_t panels, const at::Tensor& reuse) {
+  const int64_t n = panels * k2 * kPanel;
+  if (reuse.defined() && reuse.is_contiguous() && reuse.numel() >= n)
+    return reuse.view(-1).narrow(0, 0, n).view({panels, k2, kPanel});
+  return at::empty({panels, k2, kPanel}, at::TensorOptions().dtype(at::kInt));
+}
 
 }  // namespace
 
-at::Tensor pack_row_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols) {
+at::Tensor pack_row_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols,
+                          const at::Tensor& reuse) {
   const int64_t k2 = (K + 1) / 2, panels = (cols + kPanel - 1) / kPanel;
-  auto out = at::empty({panels, k2, kPanel}, at::TensorOptions().dtype(at::kInt));
+  auto out = packed_buffer(k2, panels, reuse);
   auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   at::parallel_for(0, panels * k2, 256, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
@@ -51,16 +59,21 @@ at::Tensor pack_row_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_
   return out;
 }
 
-at::Tensor pack_col_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols) {
+at::Tensor pack_col_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols,
+                          const at::Tensor& reuse) {
   const int64_t k2 = (K + 1) / 2, panels = (cols + kPanel - 1) / kPanel, even = K / 2;
-  auto out = at::zeros({panels, k2, kPanel}, at::TensorOptions().dtype(at::kInt));
+  auto out = packed_buffer(k2, panels, reuse);
   auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  at::parallel_for(0, cols, 8, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, panels * kPanel, 8, [&](int64_t b, int64_t e) {
     for (int64_t col = b; col < e; ++col) {
-      const at::BFloat16* r = src + col * ld;
       uint32_t* w = o + (col / kPanel) * k2 * kPanel + col % kPanel;
+      if (col >= cols) {  // the last panel's padding columns
+        for (int64_t p = 0; p < k2; ++p) w[p * kPanel] = 0;
+        continue;
+      }
+      const at::BFloat16* r = src + col * ld;
       for (int64_t p = 0; p < even; ++p) std::memcpy(w + p * kPanel, r + 2 * p, 4);
-      if (K % 2) w[even * kPanel] = bits(r[K - 1]);
+      if (K % 2) w[even * kPanel] = bits(r[K - 1]);  // its partner: 0
     }
   });
   return out;

@@ -44,11 +44,15 @@ struct Panels {  // the B operand (int32 tensor of shape [panels, K2, 32])
   int64_t cols;  // real columns (the last panel may be partly padding)
 };
 
+// The packers return int32 [panels, K2, 32]. `reuse`, when given and big enough, lends its memory
+// (a chunk loop packs into one buffer instead of mapping fresh pages for every chunk).
 // B[k, c] = src[k * ld + c] (k < K, c < cols): pairs along src's rows
-at::Tensor pack_row_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols);
+at::Tensor pack_row_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols,
+                          const at::Tensor& reuse = {});
 // B[k, c] = src[c * ld + k]: B is src transposed, pairs along src's columns (a weight chunk [V, H]
 // as the right-hand side of h . W^T)
-at::Tensor pack_col_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols);
+at::Tensor pack_col_pairs(const at::BFloat16* src, int64_t ld, int64_t K, int64_t cols,
+                          const at::Tensor& reuse = {});
 
 Panels panels_of(const at::Tensor& packed, int64_t cols);
 

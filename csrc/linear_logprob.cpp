@@ -212,19 +212,20 @@ void absorb_tile(const at::Tensor& z, float* lse, float* tgt, const int64_t* y, 
   });
 }
 
-// z <- g * (onehot(y) - exp(z - lse)) in place
+// one row of logits r[0, cols) (vocab v0...) <- g * (onehot(y) - exp(r - lse)) in place
+inline void dlogits_row(const RowOps& ops, float* r, int64_t cols, float lse, float g, int64_t y,
+                        int64_t v0) {
+  ops.scaled_exp(r, cols, lse, -g);
+  const int64_t local = y - v0;
+  if (local >= 0 && local < cols) r[local] += g;
+}
+
 void dlogits_tile(at::Tensor& z, const float* lse, const float* g, const int64_t* y, int64_t v0) {
   const int64_t rows = z.size(0), cols = z.size(1), ld = z.stride(0);
   float* zp = z.data_ptr<float>();
   const RowOps& ops = row_ops();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float* r = zp + i * ld;
-      const float l = lse[i], gi = -g[i];
-      ops.scaled_exp(r, cols, l, gi);
-      const int64_t local = y[i] - v0;
-      if (local >= 0 && local < cols) r[local] += g[i];
-    }
+    for (int64_t i = b; i < e; ++i) dlogits_row(ops, zp + i * ld, cols, lse[i], g[i], y[i], v0);
   });
 }
 
@@ -238,10 +239,17 @@ const uint32_t* words(const at::Tensor& t) {
   return reinterpret_cast<const uint32_t*>(t.data_ptr());
 }
 
-// An fp32 [rows, cols] tile whose row stride is not a power of two: with 4096 columns every row
-// of the GEMM's register tile would fall into the same L1 set (measured: 20% slower GEMMs)
-at::Tensor padded_tile(int64_t rows, int64_t cols) {
-  return at::empty({rows, cols + 16}, at::TensorOptions().dtype(at::kFloat)).narrow(1, 0, cols);
+// Room for fp32 [rows, cols] tiles whose row stride is not a power of two: with 4096 columns every
+// row of the GEMM's register tile would fall into the same L1 set (measured: 20% slower GEMMs).
+// One buffer per call, not one per tile: a fresh 8 MiB tile is 2048 page faults whenever the
+// allocator hands big blocks back to the OS (glibc with a fixed mmap threshold).
+at::Tensor tile_buffer(int64_t rows, int64_t cols) {
+  const int64_t ld = (cols + 255) / 256 * 256 + 16;
+  return at::empty({rows, ld}, at::TensorOptions().dtype(at::kFloat));
+}
+
+at::Tensor tile(at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows).narrow(1, 0, cols);
 }
 
 // The valid hidden rows in bf16, padded with a zero column to an even width (the GEMM reads A in
@@ -252,22 +260,27 @@ at::Tensor rows_bf16_even(const at::Tensor& hidden, const Valid& vt) {
   return rows.contiguous();
 }
 
-// dlogits (fp32 [nc, vc]) rounded to bf16 twice: as rows [nc, ld_rows] (A of grad_h = dz . W, pairs
+// Logits z (fp32 [nc, vc]) -> dlogits, rounded to bf16 twice: as rows [nc, ld_rows] (A of grad_h = dz . W, pairs
 // along V; a zero in column vc when vc is odd), and as A of grad_w = dz^T . h (rows = vocab, pairs =
 // tokens 2q and 2q+1, a zero partner for an odd last token) in the micro-kernel's own order: read
-// in place, that A would be walked down its columns, a cache line per pair.
+// in place, that A would be walked down its columns, a cache line per pair. Two rows at a time, so
+// the fp32 dlogits are rounded while they are still in L1.
 #ifdef MALT_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_dlogits(
-    const at::Tensor& z, at::BFloat16* rows, int64_t ld_rows, uint32_t* grouped) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dlogits_bf16(
+    at::Tensor& z, const float* lse, const float* g, const int64_t* y, int64_t v0,
+    at::BFloat16* rows, int64_t ld_rows, uint32_t* grouped) {
   constexpr int64_t G = malt_bf16::kRowGroup;
   const int64_t nc = z.size(0), vc = z.size(1), ld = z.stride(0), k2 = (nc + 1) / 2;
-  const float* zp = z.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  const RowOps& ops = row_ops();
   at::parallel_for(0, k2, 8, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
-      const float* z0 = zp + 2 * q * ld;
+      float* z0 = zp + 2 * q * ld;
       const bool has_odd = 2 * q + 1 < nc;
+      dlogits_row(ops, z0, vc, lse[2 * q], g[2 * q], y[2 * q], v0);
+      if (has_odd) dlogits_row(ops, z0 + ld, vc, lse[2 * q + 1], g[2 * q + 1], y[2 * q + 1], v0);
       at::BFloat16* o0 = rows + 2 * q * ld_rows;
       at::BFloat16* o1 = o0 + ld_rows;
       for (int64_t v = 0; v < vc; v += G) {
@@ -300,13 +313,16 @@ void forward_bf16(const at::Tensor& hidden, const at::Tensor& weight, const Vali
   const int64_t h_words = h.size(1) / 2;
   const auto* w = weight.data_ptr<at::BFloat16>();
   const int64_t* y = vt.y.data_ptr<int64_t>();
+  auto z_buffer = tile_buffer(std::min(chunk_n, Nv), std::min(chunk_v, V));
+  at::Tensor w_buffer;  // the first chunk's, the largest
   for (int64_t v0 = 0; v0 < V; v0 += chunk_v) {
     const int64_t vc = std::min(chunk_v, V - v0);
-    auto w_packed = malt_bf16::pack_col_pairs(w + v0 * H, H, H, vc);
+    auto w_packed = malt_bf16::pack_col_pairs(w + v0 * H, H, H, vc, w_buffer);
+    if (!w_buffer.defined()) w_buffer = w_packed;
     const auto panels = malt_bf16::panels_of(w_packed, vc);
     for (int64_t n0 = 0; n0 < Nv; n0 += chunk_n) {
       const int64_t nc = std::min(chunk_n, Nv - n0);
-      auto z = padded_tile(nc, vc);
+      auto z = tile(z_buffer, nc, vc);
       malt_bf16::gemm(malt_bf16::row_major(words(h) + n0 * h_words, h_words), nc, panels,
                       z.data_ptr<float>(), z.stride(0), false);
       absorb_tile(z, lse + n0, tgt + n0, y + n0, v0);
@@ -335,24 +351,32 @@ void backward_bf16(const at::Tensor& hidden, const at::Tensor& weight, const Val
                                                    2 * h_words, std::min(chunk_n, Nv - n0), H));
   const int64_t cn = std::min(chunk_n, Nv), cv = std::min(chunk_v, V);
   constexpr int64_t G = malt_bf16::kRowGroup;
-  const int64_t ld_rows = cv + cv % 2 + 32;  // not a power of two: see padded_tile
+  const int64_t ld_rows = cv + cv % 2 + 32;  // not a power of two: see tile_buffer
   auto dz_rows = at::empty({cn, ld_rows}, hidden.options());
   auto dz_grouped =
       at::empty({(cv + G - 1) / G * G, (cn + 1) / 2}, hidden.options().dtype(at::kInt));
   auto* dz_words = reinterpret_cast<uint32_t*>(dz_grouped.data_ptr<int32_t>());
+  auto z_buffer = tile_buffer(cn, cv);
+  at::Tensor w_buffer, wv_buffer;  // the first chunk's, the largest
+  at::Tensor gw_buffer = need_w ? at::empty({cv, H}, fopt) : at::Tensor();
   for (int64_t v0 = 0; v0 < V; v0 += chunk_v) {
     const int64_t vc = std::min(chunk_v, V - v0);
-    auto w_packed = malt_bf16::pack_col_pairs(w + v0 * H, H, H, vc);
+    auto w_packed = malt_bf16::pack_col_pairs(w + v0 * H, H, H, vc, w_buffer);
+    if (!w_buffer.defined()) w_buffer = w_packed;
     const auto z_panels = malt_bf16::panels_of(w_packed, vc);
-    at::Tensor wv_packed = need_h ? malt_bf16::pack_row_pairs(w + v0 * H, H, vc, H) : at::Tensor();
-    at::Tensor gw = need_w ? at::empty({vc, H}, fopt) : at::Tensor();
+    at::Tensor wv_packed;
+    if (need_h) {
+      wv_packed = malt_bf16::pack_row_pairs(w + v0 * H, H, vc, H, wv_buffer);
+      if (!wv_buffer.defined()) wv_buffer = wv_packed;
+    }
+    at::Tensor gw = need_w ? gw_buffer.narrow(0, 0, vc) : at::Tensor();
     for (int64_t n0 = 0, chunk = 0; n0 < Nv; n0 += chunk_n, ++chunk) {
       const int64_t nc = std::min(chunk_n, Nv - n0);
-      auto z = padded_tile(nc, vc);
+      auto z = tile(z_buffer, nc, vc);
       malt_bf16::gemm(malt_bf16::row_major(words(h) + n0 * h_words, h_words), nc, z_panels,
                       z.data_ptr<float>(), z.stride(0), false);
-      dlogits_tile(z, lse + n0, g + n0, y + n0, v0);
-      round_dlogits(z, dz_rows.data_ptr<at::BFloat16>(), ld_rows, dz_words);
+      dlogits_bf16(z, lse + n0, g + n0, y + n0, v0, dz_rows.data_ptr<at::BFloat16>(), ld_rows,
+                   dz_words);
       if (need_h)
         malt_bf16::gemm(malt_bf16::row_major(words(dz_rows), ld_rows / 2), nc,
                         malt_bf16::panels_of(wv_packed, H), gh.data_ptr<float>() + n0 * H, H, true);
