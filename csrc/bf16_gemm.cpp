@@ -21,11 +21,13 @@ inline uint32_t bits(const at::BFloat16& x) { return x.x; }
 // and one broadcast: 12 rows fill 27 of the 32 zmm registers and give 24 independent dot-product
 // chains, enough to cover vdpbf16ps's latency at two issues a cycle.
 constexpr int kRows = kRowGroup;
-// Rows of A per task (a multiple of kRows, so tiles start on row groups): its [kMc x kc] words stay in L2 while the task's B panel slice is in L1
+// Rows of A per task (a multiple of kRows, so tiles start on row groups): its [kMc x kc] words
+// stay in L2 while the task's B panel slice is in L1
 constexpr int64_t kMc = 192;
-// Pairs of k per pass over a B panel: 320 x 32 words = 40 KiB, within a 48 KiB L1 with the A
-// lines streaming past. H = 576 (288 pairs) then runs in one pass; longer k (a 4096-vocab chunk
-// as the reduction of grad_hidden) in passes that reload the fp32 C tile.
+// Pairs of k per pass over a B panel: 256 x 32 words = 32 KiB, within a 48 KiB L1 with the A
+// lines streaming past. H = 576 (288 pairs) runs in two passes of 144, the tokens of a 512-token
+// chunk (grad_weight's reduction) in one, a 4096-vocab chunk (grad_hidden's) in eight; each pass
+// after the first reloads the fp32 C tile.
 constexpr int64_t kMaxKc = 256;
 
 at::Tensor packed_buffer(int64_t k2, int64_t panels, const at::Tensor& reuse) {

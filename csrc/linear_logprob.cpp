@@ -7,7 +7,8 @@
 //
 // Two GEMM paths:
 // * bf16 inputs on a CPU with AVX512-BF16 (malt_isa::avx512_bf16): bf16 x bf16 -> fp32 on our own
-//   vdpbf16ps micro-kernel (bf16_gemm.h), 3-6x faster than upcasting to fp32 there. Each weight
+//   vdpbf16ps micro-kernel (bf16_gemm.h); its GEMMs are ~4.5x the fp32 ones on a Zen 5 EPYC, the
+//   whole op ~3x (docs/logprob.md). Each weight
 //   chunk is packed twice (pairs along H for the logits, pairs along V for grad_hidden), the hidden
 //   rows once per token chunk for grad_weight. dlogits is rounded to bf16 before its two GEMMs,
 //   as eager bf16 autograd rounds it; grad_hidden and the chunk's grad_weight accumulate in fp32.
@@ -260,11 +261,11 @@ at::Tensor rows_bf16_even(const at::Tensor& hidden, const Valid& vt) {
   return rows.contiguous();
 }
 
-// Logits z (fp32 [nc, vc]) -> dlogits, rounded to bf16 twice: as rows [nc, ld_rows] (A of grad_h = dz . W, pairs
-// along V; a zero in column vc when vc is odd), and as A of grad_w = dz^T . h (rows = vocab, pairs =
-// tokens 2q and 2q+1, a zero partner for an odd last token) in the micro-kernel's own order: read
-// in place, that A would be walked down its columns, a cache line per pair. Two rows at a time, so
-// the fp32 dlogits are rounded while they are still in L1.
+// Logits z (fp32 [nc, vc]) -> dlogits, rounded to bf16 twice: as rows [nc, ld_rows] (A of
+// grad_h = dz . W, pairs along V; a zero in column vc when vc is odd), and as A of
+// grad_w = dz^T . h (rows = vocab, pairs = tokens 2q and 2q+1, a zero partner for an odd last
+// token) in the micro-kernel's own order: read in place, that A would be walked down its columns,
+// a cache line per pair. Two rows at a time, so the fp32 dlogits are rounded while still in L1.
 #ifdef MALT_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
