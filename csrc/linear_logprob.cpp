@@ -286,12 +286,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dlogits_bf1
       at::BFloat16* o1 = o0 + ld_rows;
       for (int64_t v = 0; v < vc; v += G) {
         const __mmask16 k = static_cast<__mmask16>((1u << std::min(G, vc - v)) - 1);
-        const __m256i b0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, z0 + v));
+        // away from the row's end, whole 16-wide loads and stores (the 4 extra columns are
+        // rewritten by the next step) instead of masked ones
+        const __mmask16 k16 = v + 16 <= vc ? __mmask16(0xFFFF) : k;
+        const __m256i b0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k16, z0 + v));
         const __m256i b1 = has_odd
-            ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, z0 + ld + v))
+            ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k16, z0 + ld + v))
             : _mm256_setzero_si256();
-        _mm256_mask_storeu_epi16(o0 + v, k, b0);
-        if (has_odd) _mm256_mask_storeu_epi16(o1 + v, k, b1);
+        _mm256_mask_storeu_epi16(o0 + v, k16, b0);
+        if (has_odd) _mm256_mask_storeu_epi16(o1 + v, k16, b1);
         const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(b0),
                                           _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
         _mm512_mask_storeu_epi32(grouped + (v / G) * k2 * G + q * G, k, w);
