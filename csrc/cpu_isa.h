@@ -3,26 +3,29 @@
 // copied to an older CPU must not die with an illegal instruction); the AVX2 and AVX-512 code
 // is compiled for its own target (GCC's target pragma) and chosen here when the CPU has it.
 // MALT_FAST_NATIVE=1 at build time adds -march=native for the generic code too (setup.py).
-// MALT_FAST_ISA=plain|avx2 at run time caps the choice (tests run every path on one machine).
+// MALT_FAST_ISA=plain|avx2|avx512 at run time caps the choice (tests run every path on one
+// machine); avx512 keeps the AVX-512 row ops but turns the AVX512-BF16 GEMMs off.
 #pragma once
 
 #include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define MALT_X86 1
 #endif
 
 namespace malt_isa {
 
-// 0: plain loops, 1: up to AVX2 + FMA, 2: up to AVX-512
+// 0: plain loops, 1: up to AVX2 + FMA, 2: up to AVX-512 (fp32), 3: AVX-512 with bf16 dot products
 inline int cap() {
   static const int level = [] {
     const char* v = std::getenv("MALT_FAST_ISA");
     if (v != nullptr && std::strcmp(v, "plain") == 0) return 0;
     if (v != nullptr && std::strcmp(v, "avx2") == 0) return 1;
-    return 2;
+    if (v != nullptr && std::strcmp(v, "avx512") == 0) return 2;
+    return 3;
   }();
   return level;
 }
@@ -46,7 +49,24 @@ inline bool avx512f() {
 #endif
 }
 
-// the widest vector path the kernels take here
+// vdpbf16ps (bf16 pair dot products into fp32). Asked through CPUID leaf 7 subleaf 1, EAX bit 5,
+// rather than __builtin_cpu_supports: older GCCs do not know the feature's name. avx512f() above
+// already says the OS saves the zmm state.
+inline bool avx512_bf16() {
+#ifdef MALT_X86
+  static const bool yes = [] {
+    if (cap() < 3 || !avx512f() || !__builtin_cpu_supports("avx512bw")) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return ((a >> 5) & 1u) != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// the widest vector path the kernels take here (the bf16 GEMMs are a separate switch: avx512_bf16)
 inline const char* name() { return avx512f() ? "avx512" : avx2_fma() ? "avx2" : "plain"; }
 
 #ifdef MALT_X86

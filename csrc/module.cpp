@@ -10,4 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the vector path the kernels take on this CPU: "avx512", "avx2" or "plain" (MALT_FAST_ISA caps
   // it); the decode attention kernel's widest is avx2
   m.def("cpu_isa", []() { return std::string(malt_isa::name()); });
+  // whether the fused log-prob head runs its bf16 GEMMs natively (AVX512-BF16 and not capped by
+  // MALT_FAST_ISA=plain|avx2|avx512); otherwise bf16 tiles are converted to fp32 first
+  m.def("cpu_bf16_gemm", []() { return malt_isa::avx512_bf16(); });
 }
