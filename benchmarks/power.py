@@ -5,8 +5,9 @@
 
 Takes a finished run's per-question results as the population: the paired differences a − b
 of its units (malt_fast/eval/stats.py). For each size n it draws n units with replacement,
-`--trials` times, and counts how often the 95% paired bootstrap interval of the draw excludes 0,
-the rule the run's report uses. That is the power a run of n units would have if the true
+`--trials` times, and counts how often the draw would be reported significant: its 95% paired
+bootstrap interval excludes 0 and its exact sign test gives p < 0.05, the rule of the run's
+report (`malt_fast.eval.stats.significant`). That is the power a run of n units would have if the true
 per-unit differences were the measured ones. Reads files only; runs no model.
 """
 
@@ -17,18 +18,19 @@ import json
 
 import numpy as np
 
-from malt_fast.eval.stats import paired_units
+from malt_fast.eval.stats import paired_units, sign_test
 
 
-def interval_excludes_zero(draws: np.ndarray, resamples: int, rng) -> np.ndarray:
+def reported_significant(draws: np.ndarray, resamples: int, rng) -> np.ndarray:
     """For each row of `draws` (trials x n differences): does its 95% bootstrap interval
-    exclude 0?"""
+    exclude 0, with sign-test p < 0.05?"""
     trials, n = draws.shape
     out = np.empty(trials, dtype=bool)
     for t in range(trials):
-        means = draws[t][rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+        d = draws[t]
+        means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
         lo, hi = np.quantile(means, [0.025, 0.975])
-        out[t] = lo > 0 or hi < 0
+        out[t] = (lo > 0 or hi < 0) and sign_test(int((d > 0).sum()), int((d < 0).sum())) < 0.05
     return out
 
 
@@ -51,11 +53,10 @@ def main() -> None:
     print(f"{a} - {b} in {args.results}: {diffs.size} units, mean difference "
           f"{100 * diffs.mean():+.1f} points, {int((diffs > 0).sum())} units better / "
           f"{int((diffs < 0).sum())} worse")
-    print(f"{'units':>6} {'power':>6}   (share of {args.trials} draws whose 95% interval "
-          "excludes 0)")
+    print(f"{'units':>6} {'power':>6}   (share of {args.trials} draws reported significant)")
     for n in args.units:
         draws = diffs[rng.integers(0, diffs.size, size=(args.trials, n))]
-        power = interval_excludes_zero(draws, args.resamples, rng).mean()
+        power = reported_significant(draws, args.resamples, rng).mean()
         print(f"{n:>6} {power:>6.2f}")
 
 

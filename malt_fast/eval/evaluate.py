@@ -32,7 +32,7 @@ import random
 from pathlib import Path
 
 from malt_fast.data import Example
-from malt_fast.eval.stats import comparisons, significant
+from malt_fast.eval.stats import comparisons, fewest_units_to_reject, significant
 from malt_fast.malt.answers import answers_equal, extract_answer
 from malt_fast.malt.expand import role_layout
 from malt_fast.malt.prompts import load_prompts, question_text
@@ -273,9 +273,16 @@ def format_table(results: dict) -> str:
             mark = "" if significant(c) else "   not significant"
             rows.append(f"{c['a'] + ' - ' + c['b']:<22} {c['diff']:+6.1f} [{c['ci_low']:+.1f}, "
                         f"{c['ci_high']:+.1f}]  p={c['p']:.3g}{mark}")
+        units = comps[0]["units"]
+        floor = 100 * fewest_units_to_reject() / units
         if not any(significant(c) for c in comps):
-            rows.append(f"At this size ({comps[0]['units']} questions x seeds) no difference is "
+            rows.append(f"At this size ({units} questions x seeds) no difference is "
                         "significant: this run shows the pipeline works, not which method is "
                         "better. For that, evaluate more questions with more training data, e.g. "
                         "`malt-fast run configs/arith_100.yaml` (benchmarks/results/malt.md).")
+        elif floor >= 5:
+            rows.append(f"At this size ({units} questions x seeds) no difference under "
+                        f"{floor:.0f} points can be significant; for smaller ones evaluate more "
+                        "questions, e.g. `malt-fast run configs/arith_100.yaml` "
+                        "(benchmarks/results/malt.md).")
     return "\n".join(rows)

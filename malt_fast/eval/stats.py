@@ -35,6 +35,15 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def fewest_units_to_reject(alpha: float = 0.05) -> int:
+    """The fewest units that must differ, all one way, for the sign test to reject at alpha:
+    6 at 0.05 (p = 2/64). A run with n units cannot show a difference under 100 * 6 / n points."""
+    k = 1
+    while sign_test(k, 0) >= alpha:
+        k += 1
+    return k
+
+
 def paired_bootstrap(diffs, resamples: int = 10_000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the mean of `diffs` under resampling of the units."""

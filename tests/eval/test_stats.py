@@ -6,7 +6,8 @@ import json
 import pytest
 
 from malt_fast.eval.evaluate import format_table, summarize, write_report
-from malt_fast.eval.stats import compare, paired_bootstrap, paired_units, sign_test, significant
+from malt_fast.eval.stats import (compare, fewest_units_to_reject, paired_bootstrap, paired_units,
+                                  sign_test, significant)
 
 
 def pq(**methods):
@@ -52,6 +53,12 @@ def test_few_units_are_not_significant_on_a_degenerate_interval():
     assert significant(c, alpha=0.2)
 
 
+def test_fewest_units_to_reject():
+    assert fewest_units_to_reject() == 6          # 2 / 2^6 = 0.031 < 0.05 <= 2 / 2^5
+    assert sign_test(6, 0) < 0.05 <= sign_test(5, 0)
+    assert fewest_units_to_reject(0.01) == 8
+
+
 def test_ties_and_fractions():
     # single-sample scores are fractions of chains: 2/3 vs 1/3 is a win, equal fractions a tie
     c = compare(pq(A={0: [2 / 3, 1 / 3, 1, 0]}, B={0: [1 / 3, 2 / 3, 1, 0]}), "A", "B")
@@ -93,3 +100,15 @@ def test_results_round_trip_and_report(tmp_path):
     assert "| MALT+MV@3 − MA+MV@3 | +50.0 |" in report
     table = format_table(results)
     assert "MALT+MV@3 - SA+MV@3" in table and "not significant" in table
+
+
+def test_table_states_the_smallest_difference_this_size_can_show():
+    results = summarize({"dataset": "arith", "seeds": [0], "questions": 10, "chains": 3,
+                         "transitions": {},
+                         "per_question": pq(**{"MA+MV@3": {0: [0] * 10},
+                                               "MALT+MV@3": {0: [1] * 10}})})
+    (c,) = results["comparisons"]
+    assert significant(c) and c["p"] == 2 / 1024
+    table = format_table(results)
+    assert "no difference under 60 points can be significant" in table   # 100 * 6 / 10
+    assert "no difference is significant" not in table
