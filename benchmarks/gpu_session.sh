@@ -2,8 +2,8 @@
 # The GPU checks of the rollout engine in one script, for a lent machine with torch, triton and
 # transformers installed but not this package (run from the repository root, logs under $OUT).
 #
-#   phase 1: CUDA tests, decode step vs bandwidth floor (SmolLM2 shape; LLAMA1B=1 adds the
-#            Llama-3.2-1B shape);
+#   phase 1: CUDA tests (rollout, and the compiled Triton log-prob head against fp64), decode
+#            step vs bandwidth floor (SmolLM2 shape; LLAMA1B=1 adds the Llama-3.2-1B shape);
 #   phase 2: rollout benchmark with the packaged SmolLM2 weights, then with random
 #            SmolLM2-shaped weights.
 #
@@ -33,6 +33,7 @@ if [ "$1" = 1 ]; then
   python3 -c "import torch, triton, transformers as t; print(torch.__version__, \
 triton.__version__, t.__version__)" | tee -a "$log"
   run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_cuda.py
+  run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear_logprob_cuda.py
   run timeout 100 python3 benchmarks/decode_step.py --shape smollm2-135m --batch 64 128 256 \
     --json-out "$OUT/decode_smollm2.json"
   [ -n "${LLAMA1B:-}" ] && run timeout 80 python3 benchmarks/decode_step.py \
