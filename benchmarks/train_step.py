@@ -3,6 +3,8 @@
     python benchmarks/train_step.py                          # SmolLM2-135M, verifier-shaped batch
     python benchmarks/train_step.py --model random-small     # a small random Llama (faster)
     python benchmarks/train_step.py --role refiner --prompts 2 --repeats 3 --json out.json
+    python benchmarks/train_step.py --model llama-3.2-1b --finetune full --prompts 8   # GPU, MFU
+    python benchmarks/train_step.py --model llama-3.1-8b --checkpointing --prompts 4   # GPU, LoRA
 
 One process, one model, one batch, four methods: {unpacked, tree} x {eager, fused}.
   unpacked: every (prompt, completion) sequence is its own right-padded row, as in TRL;
@@ -11,8 +13,19 @@ One process, one model, one batch, four methods: {unpacked, tree} x {eager, fuse
   eager:    lm_head logits [N, V] + fp32 log-softmax + gather (losses.eager_logprobs);
   fused:    malt_fast.kernels.linear_logprobs (never materialises the logits).
 
-A step = policy forward + backward + AdamW step on LoRA adapters (rank 16, all projections) of a
-DPO loss whose reference log-probs are precomputed (as the trainer caches them).
+A step = policy forward + backward + AdamW step on LoRA adapters (rank 16, all projections; or on
+every weight with --finetune full) of a DPO loss whose reference log-probs are precomputed (as the
+trainer caches them). --model llama-3.2-1b / llama-3.1-8b / smollm2-135m-random: random weights
+of that shape (benchmarks/decode_step.py's SHAPES). --checkpointing recomputes each decoder block
+in the backward (malt_fast.train.distributed.checkpoint_blocks, what the DeepSpeed path uses).
+
+MFU (CUDA): model FLOPs of the tokens a method actually computes (padded rows for unpacked, packed
+rows for tree) per second, over --peak-tflops (default from the device name: H100/H200 989 dense
+bf16). Per token: 2 x (matmul parameters) forward, twice that backward for the activation
+gradients, once more for the weight gradients with --finetune full (frozen weights have none),
+plus attention 4 x layers x hidden x context (x3 with its backward); the head counts as a matmul
+of hidden x vocab. Recomputation (--checkpointing, the fused head's backward) is not counted, as
+MFU's convention is.
 
 Batch (MALT-shaped, synthetic token ids): `--prompts` parents, each with `--children` sibling
 completions labelled positive/negative (at least one of each), DPO pairs = positive x negative
@@ -48,6 +61,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_step import SHAPES, random_model  # noqa: E402
 from logprob import Peak, cpu_memory_setup, sync  # noqa: E402
 
 from malt_fast.model.lora import LoRAConfig, add_adapter, adapter_parameters  # noqa: E402
@@ -66,6 +80,9 @@ def load(name, dtype, device):
         from malt_fast.model import load_model
 
         return load_model(smollm2_gguf(), dtype=dtype).to(device)
+    if name in SHAPES:
+        torch.manual_seed(0)
+        return random_model(name, dtype, device)
     if name == "random-small":  # SmolLM2's vocabulary, a quarter of its depth and width
         torch.manual_seed(0)
         model = Llama(LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768,
@@ -76,7 +93,30 @@ def load(name, dtype, device):
                 if "norm" not in n:
                     p.normal_(0, 0.02)
         return model.to(device, dtype)
-    raise SystemExit(f"--model: unknown model {name!r} (smollm2 or random-small)")
+    raise SystemExit(f"--model: unknown model {name!r}")
+
+
+def step_flops(model, row_lengths, full: bool) -> float:
+    """Model FLOPs of one training step over rows of these lengths (module docstring)."""
+    c = model.config
+    per_layer = sum(m.weight.numel() for n, m in model.layers[0].named_modules()
+                    if isinstance(m, torch.nn.Linear) and "lora" not in n)
+    matmul = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+    passes = 3 if full else 2  # forward, activation grads, (weight grads)
+    flops = 0.0
+    for n in row_lengths:
+        flops += passes * 2 * matmul * n
+        # causal attention: QK^T and PV over ~n/2 keys on average, forward + backward
+        flops += 3 * 4 * c.num_hidden_layers * c.hidden_size * n * n / 2
+    return flops
+
+
+def peak_tflops(device_name: str) -> float | None:
+    name = device_name.upper()
+    for key, tf in (("H200", 989.4), ("H100", 989.4), ("A100", 312.0)):
+        if key in name:
+            return tf
+    return None
 
 
 def malt_batch(rng, vocab, role, prompts, children):
@@ -95,8 +135,9 @@ def malt_batch(rng, vocab, role, prompts, children):
     return pairs
 
 
-def make_step(model, pairs, packing, head, ref, beta=0.2):
-    params = adapter_parameters(model, "policy")
+def make_step(model, pairs, packing, head, ref, full, beta=0.2):
+    params = [p for p in model.parameters() if p.requires_grad] if full else \
+        adapter_parameters(model, "policy")
     opt = torch.optim.AdamW(params, lr=1e-5)
     seqs = [s for p, c, r in pairs for s in ((p, c), (p, r))]
     logprob_fn = eager_logprobs if head == "eager" else None
@@ -122,7 +163,11 @@ def make_step(model, pairs, packing, head, ref, beta=0.2):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-small"])
+    ap.add_argument("--model", default="smollm2",
+                    choices=["smollm2", "random-small", *sorted(SHAPES)])
+    ap.add_argument("--finetune", default="lora", choices=["lora", "full"])
+    ap.add_argument("--checkpointing", action="store_true", help="recompute decoder blocks")
+    ap.add_argument("--peak-tflops", type=float, help="device bf16 peak for MFU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"],
                     help="default: float32 on CPU, bfloat16 on CUDA")
@@ -146,7 +191,16 @@ def main(argv=None):
     if dev == "cpu":
         cpu_memory_setup()
     model = load(args.model, dtype, dev)
-    add_adapter(model, "policy", LoRAConfig(rank=16, alpha=32.0))
+    full = args.finetune == "full"
+    if full:
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+        add_adapter(model, "policy", LoRAConfig(rank=16, alpha=32.0))
+    if args.checkpointing:
+        from malt_fast.train.distributed import checkpoint_blocks
+
+        checkpoint_blocks(model)
     model.train()
     pairs = malt_batch(random.Random(args.seed), model.config.vocab_size, args.role,
                        args.prompts, args.children)
@@ -174,7 +228,8 @@ def main(argv=None):
     steps, losses, mem = {}, {}, {}
     for m in args.methods:
         packing, head = m.split("/")
-        steps[m] = make_step(model, pairs, "tree" if packing == "tree" else "none", head, ref)
+        steps[m] = make_step(model, pairs, "tree" if packing == "tree" else "none", head, ref,
+                             full)
     for m, (step, restore) in steps.items():  # warm-up: memory, and the loss each method gives
         restore()
         with Peak(dev) as p:
@@ -193,13 +248,20 @@ def main(argv=None):
             times[m].append(time.perf_counter() - t)
             cpu[m].append(time.process_time() - c)
 
+    width = max(len(p) + len(c) for p, c in seqs)
+    row_lengths = {"unpacked": [width] * len(seqs),
+                   "tree": [packed.input_ids.shape[1]] * packed.input_ids.shape[0]}
+    peak = args.peak_tflops or (peak_tflops(device_name) if dev == "cuda" else None)
     rows = []
     for m in names:
         best, med = min(times[m]), statistics.median(times[m])
+        flops = step_flops(model, row_lengths[m.split("/")[0]], full)
         rows.append(dict(method=m, best_s=best, median_s=med, tokens_per_s=unpacked_tokens / best,
                          tokens_per_s_median=unpacked_tokens / med,
                          peak_extra_mib=mem[m] / 2**20, loss=losses[m], times_s=times[m],
-                         cpu_s=cpu[m], tokens_per_cpu_s=unpacked_tokens / min(cpu[m])))
+                         cpu_s=cpu[m], tokens_per_cpu_s=unpacked_tokens / min(cpu[m]),
+                         model_tflops=flops / 1e12, achieved_tflops=flops / best / 1e12,
+                         mfu=flops / best / (peak * 1e12) if peak else None))
     base = rows[0]
     print(f"\n{'method':16s} {'best s':>8s} {'median s':>9s} {'tokens/s':>9s} {'peak MiB':>9s} "
           f"{'speed/' + base['method']:>24s} {'mem/' + base['method']:>22s} {'cpu s':>7s}")
@@ -208,17 +270,19 @@ def main(argv=None):
         r["mem_ratio"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
         print(f"{r['method']:16s} {r['best_s']:8.2f} {r['median_s']:9.2f} {r['tokens_per_s']:9.0f} "
               f"{r['peak_extra_mib']:9.0f} {r['speedup']:24.2f} {r['mem_ratio']:22.2f} "
-              f"{min(r['cpu_s']):7.2f}   times "
+              f"{min(r['cpu_s']):7.2f}  {r['achieved_tflops']:7.2f} TFLOP/s"
+              + (f" MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "") + "   times "
               + " ".join(f"{t:.1f}" for t in r["times_s"]))
     by = {r["method"]: r for r in rows}
 
     def ratio(a, b, key):
         return by[a][key] / max(by[b][key], 1e-9)
 
-    pairs = [(f"tree/{h}", f"unpacked/{h}", f"tree / unpacked ({h} head)")
-             for h in ("eager", "fused")]
-    pairs += [(f"{p}/fused", f"{p}/eager", f"fused / eager ({p})") for p in ("unpacked", "tree")]
-    for a, b, label in pairs:
+    comparisons = [(f"tree/{h}", f"unpacked/{h}", f"tree / unpacked ({h} head)")
+                   for h in ("eager", "fused")]
+    comparisons += [(f"{p}/fused", f"{p}/eager", f"fused / eager ({p})")
+                    for p in ("unpacked", "tree")]
+    for a, b, label in comparisons:
         if a in by and b in by:
             print(f"{label}: {ratio(a, b, 'tokens_per_s'):.2f}x tokens/s "
                   f"(best), {ratio(a, b, 'tokens_per_s_median'):.2f}x (median), "
@@ -228,7 +292,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "torch": torch.__version__, "argv": sys.argv,
-                       "threads": torch.get_num_threads(),
+                       "threads": torch.get_num_threads(), "finetune": args.finetune,
+                       "checkpointing": args.checkpointing, "peak_tflops": peak,
                        "load_average": load_avg, "pairs": len(pairs),
                        "unpacked_tokens": unpacked_tokens, "packed_tokens": packed.packed_tokens,
                        "rows": rows}, f, indent=1)
