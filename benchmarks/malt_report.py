@@ -14,8 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from malt_fast.eval.evaluate import seeds_phrase
-from malt_fast.eval.stats import significant
+from malt_fast.eval.evaluate import comparison_rows, seeds_phrase
 
 
 def stage_times(run: Path) -> dict[str, float]:
@@ -42,13 +41,7 @@ def report(run: Path) -> str:
         per = ", ".join(f"{100 * x:.1f}" for x in r["per_seed"])
         lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {per} |")
     if results.get("comparisons"):
-        lines += ["", "| a − b (paired) | diff, points | 95% CI | p | only a / only b | units |",
-                  "| --- | ---: | --- | ---: | --- | ---: |"]
-        for c in results["comparisons"]:
-            mark = "" if significant(c) else " (not significant)"
-            lines.append(f"| {c['a']} − {c['b']} | {c['diff']:+.1f} | [{c['ci_low']:+.1f}, "
-                         f"{c['ci_high']:+.1f}]{mark} | {c['p']:.2g} | {c['only_a']} / "
-                         f"{c['only_b']} | {c['units']} |")
+        lines += ["", *comparison_rows(results["comparisons"])]
     lines += ["", "| pipeline | wrong → right | right → wrong | chains |", "| --- | --- | --- | --- |"]
     for name, t in results["transitions"].items():
         lines.append(f"| {name} | {t['wrong_to_right']} | {t['right_to_wrong']} | {t['chains']} |")

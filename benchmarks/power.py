@@ -7,8 +7,8 @@ Takes a finished run's per-question results as the population: the paired differ
 of its units (malt_fast/eval/stats.py). For each size n it draws n units with replacement,
 `--trials` times, and counts how often the draw would be reported significant: its 95% paired
 bootstrap interval excludes 0 and its exact sign test gives p < 0.05, the rule of the run's
-report (`malt_fast.eval.stats.significant`). That is the power a run of n units would have if the true
-per-unit differences were the measured ones. Reads files only; runs no model.
+report (`malt_fast.eval.stats.significant`). That is the power a run of n units would have if
+the true per-unit differences were the measured ones. Reads files only; runs no model.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ import json
 
 import numpy as np
 
-from malt_fast.eval.stats import paired_units, sign_test
+from malt_fast.eval.stats import paired_bootstrap, paired_units, sign_test, significant
 
 
-def reported_significant(draws: np.ndarray, resamples: int, rng) -> np.ndarray:
-    """For each row of `draws` (trials x n differences): does its 95% bootstrap interval
-    exclude 0, with sign-test p < 0.05?"""
-    trials, n = draws.shape
-    out = np.empty(trials, dtype=bool)
-    for t in range(trials):
-        d = draws[t]
-        means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-        lo, hi = np.quantile(means, [0.025, 0.975])
-        out[t] = (lo > 0 or hi < 0) and sign_test(int((d > 0).sum()), int((d < 0).sum())) < 0.05
+def reported_significant(draws: np.ndarray, resamples: int) -> np.ndarray:
+    """For each row of `draws` (trials x n differences): would the run's report call it
+    significant?"""
+    out = np.empty(draws.shape[0], dtype=bool)
+    for t, d in enumerate(draws):
+        lo, hi = paired_bootstrap(d, resamples, seed=t)
+        out[t] = significant({"ci_low": lo, "ci_high": hi,
+                              "p": sign_test(int((d > 0).sum()), int((d < 0).sum()))})
     return out
 
 
@@ -56,7 +54,7 @@ def main() -> None:
     print(f"{'units':>6} {'power':>6}   (share of {args.trials} draws reported significant)")
     for n in args.units:
         draws = diffs[rng.integers(0, diffs.size, size=(args.trials, n))]
-        power = reported_significant(draws, args.resamples, rng).mean()
+        power = reported_significant(draws, args.resamples).mean()
         print(f"{n:>6} {power:>6.2f}")
 
 

@@ -216,18 +216,23 @@ def write_report(results: dict, out_dir) -> dict:
         lines += ["", "Paired comparisons on the same questions and seeds (a − b in points; 95% "
                   "paired bootstrap interval over (seed, question) units; exact sign / McNemar "
                   "test; questions where only one of the two did better; significant: the interval "
-                  "excludes 0 and p < 0.05):", "",
-                  "| a − b | diff | 95% CI | p | only a / only b | |", "| --- | --- | --- | --- "
-                  "| --- | --- |"]
-        for c in results["comparisons"]:
-            verdict = "significant" if significant(c) else "not significant"
-            lines.append(f"| {c['a']} − {c['b']} | {c['diff']:+.1f} | [{c['ci_low']:+.1f}, "
-                         f"{c['ci_high']:+.1f}] | {c['p']:.3g} | {c['only_a']} / {c['only_b']} "
-                         f"| {verdict} |")
+                  "excludes 0 and p < 0.05):", "", *comparison_rows(results["comparisons"])]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     plot_accuracy(results, out_dir / "plots" / "accuracy.png")
     return {"results": out_dir / "results.json", "report": out_dir / "report.md",
             "plot": out_dir / "plots" / "accuracy.png"}
+
+
+def comparison_rows(comps: list[dict]) -> list[str]:
+    """The paired comparisons as a markdown table (report.md, benchmarks/malt_report.py)."""
+    rows = ["| a − b | diff | 95% CI | p | only a / only b | units | |",
+            "| --- | ---: | --- | ---: | --- | ---: | --- |"]
+    for c in comps:
+        verdict = "significant" if significant(c) else "not significant"
+        rows.append(f"| {c['a']} − {c['b']} | {c['diff']:+.1f} | [{c['ci_low']:+.1f}, "
+                    f"{c['ci_high']:+.1f}] | {c['p']:.3g} | {c['only_a']} / {c['only_b']} | "
+                    f"{c['units']} | {verdict} |")
+    return rows
 
 
 def seeds_phrase(results: dict) -> str:
