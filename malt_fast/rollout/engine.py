@@ -6,6 +6,13 @@ loop admits requests while decode slots and cache blocks allow, prefills what th
 (once per request, then forks the n branches), and decodes every live branch one token per step.
 A branch that ends frees its slot at once and the next waiting request takes it.
 
+With prefix reuse (the default) the cache keeps every prefilled context and finished reply in
+its prefix index, keyed by the request's `adapter` (its weights) and its tokens, and a request
+starts from the longest cached prefix computed with the same weights: only the rest is
+prefilled. A request sharing a longer prefix with one prefilled in the same call waits for the
+next call, so it finds that prefix cached. An engine on a `MultiAdapterView` decodes rows of
+different adapters in one batch (`model.route` before every forward).
+
 Completions include the EOS token when the model emitted one (as `transformers.generate` does);
 a completion cut by a stop string excludes the stop string and has no EOS. A request's
 `stop_line` markers end a reply at the end of the first line holding one of them (e.g. "Final
@@ -43,6 +50,7 @@ class Request:
     on_done: Callable[["Request", list["Completion"]], None] | None = None
     tag: Any = None  # the caller's data, handed back untouched through on_done
     stop_line: tuple[str, ...] = ()  # the reply ends with the first line holding one of these
+    adapter: str | None = None  # the weights: an adapter of the engine's MultiAdapterView
 
 
 @dataclass
@@ -95,8 +103,9 @@ class _Step:
 class Engine:
     """Generates from one model with a paged KV cache.
 
-    prefix_reuse=False prefills every branch's whole context itself (the baseline the shared
-    prefix is measured against); everything else is the same. cuda_graphs=False decodes every
+    prefix_reuse=False prefills every branch's whole context itself and keeps no prefix index
+    (the baseline the shared prefix is measured against); everything else is the same. A model
+    with a `route` method (`MultiAdapterView`) serves requests of several adapters at once. cuda_graphs=False decodes every
     step eagerly (only the Triton backend, the default on CUDA, has fixed-shape steps).
     """
 
@@ -128,6 +137,7 @@ class Engine:
             eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
             eos_token_ids += [e for e in model.config.eos_token_ids if e not in eos_token_ids]
         self.eos = set(eos_token_ids)
+        self._route = getattr(model, "route", None)
         self.stats = self._zero_stats()
         self.last_stats: dict = {}
 
@@ -159,6 +169,7 @@ class Engine:
         """Serve the requests (and any a callback submits) to completion; returns the stats."""
         if self.tokenizer is None and any(r.stop or r.stop_line for r in requests):
             raise MaltError("stop strings and stop lines need the engine to have a tokenizer")
+        self._check_adapters(requests)
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
         t0 = time.perf_counter()
@@ -188,6 +199,7 @@ class Engine:
 
         It goes ahead of requests not yet started: finishing started work first bounds the
         blocks held by kept sequences waiting for their children."""
+        self._check_adapters([request])
         self._waiting.appendleft(request)
         self._bar.total += request.n * request.max_new_tokens
         self._bar.refresh()
@@ -195,11 +207,26 @@ class Engine:
     def release(self, seq: int) -> None:
         self.cache.release(seq)
 
+    def _check_adapters(self, requests: list[Request]) -> None:
+        names = getattr(self.model, "names", [None])
+        for r in requests:
+            if r.adapter is not None and self._route is None:
+                raise MaltError(f"a request for adapter {r.adapter!r}: this engine's model serves "
+                                "one set of weights (build it on a MultiAdapterView)")
+            if r.adapter not in names:
+                raise MaltError(f"a request for adapter {r.adapter!r}: the engine has {names}")
+
+    def _route_rows(self, requests: list[Request]) -> None:
+        """Tell a multi-adapter model which adapter each row of the next forward uses."""
+        if self._route is not None:
+            self._route([self.model.index(r.adapter) for r in requests])
+
     # ------------------------------------------------------------ scheduling
 
     @staticmethod
     def _zero_stats() -> dict:
-        return dict(prefill_tokens=0, generated_tokens=0, decode_steps=0, prefill_calls=0,
+        return dict(prefill_tokens=0, context_tokens=0, generated_tokens=0, decode_steps=0,
+                    prefill_calls=0,
                     prefill_s=0.0, wall_s=0.0, tokens_per_s=0.0, peak_cache_blocks=0)
 
     def _worst_blocks(self, req: Request) -> int:
@@ -217,11 +244,14 @@ class Engine:
     def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
         """Start waiting requests that fit in the free slots, blocks and prefill budget."""
         c = self.cache
-        budget = len(c.free) - sum(self._branch_reserve(b) for b in active)
+        budget = c.available() - sum(self._branch_reserve(b) for b in active)
         slots = self.max_batch - len(active)
-        chosen, tokens = [], 0
+        chosen, tokens, deferred, prefixes = [], 0, [], set()
         while self._waiting:
             req = self._waiting[0]
+            if self._defer(req, prefixes):
+                deferred.append(self._waiting.popleft())
+                continue
             need = self._worst_blocks(req)
             if need > c.num_blocks:
                 raise CacheFull(f"KV cache too small: one request of {len(req.context)} context "
@@ -240,9 +270,14 @@ class Engine:
             slots -= req.n
             budget -= need
             tokens += new_tokens
+            if self.prefix_reuse and req.parent is None:
+                bs = c.block_size
+                prefixes.update((req.adapter, tuple(req.context[:k]))
+                                for k in range(bs, len(req.context), bs))
+        self._waiting.extendleft(reversed(deferred))
         if not chosen:
             if not active and self._waiting:
-                raise CacheFull(f"KV cache full: {c.used_blocks} of {c.num_blocks} blocks are held "
+                raise CacheFull(f"KV cache full: {c.held_blocks} of {c.num_blocks} blocks are held "
                                 f"by kept sequences, the next request needs up to "
                                 f"{self._worst_blocks(self._waiting[0])}")
             return []
@@ -252,28 +287,43 @@ class Engine:
         self.stats["prefill_s"] += time.perf_counter() - t
         return branches
 
+    def _defer(self, req: Request, prefixes: set) -> bool:
+        """Whether `req` shares at least one more block with a request prefilled in this call
+        than the index holds: it waits a step and then finds that prefix cached."""
+        if not prefixes or req.parent is not None:
+            return False
+        c = self.cache
+        cached = c.matched(c.lookup(req.context, req.adapter), req.context)
+        k = (cached // c.block_size + 1) * c.block_size
+        return k < len(req.context) and (req.adapter, tuple(req.context[:k])) in prefixes
+
     def _prefill_len(self, req: Request) -> int:
-        if req.parent is not None and self.prefix_reuse:
+        if not self.prefix_reuse:
+            return len(req.context)
+        if req.parent is not None:
             return len(req.context) - self.cache.length(req.parent)
-        return len(req.context)
+        c = self.cache
+        limit = len(req.context) - 1
+        return len(req.context) - c.matched(c.lookup(req.context, req.adapter, limit),
+                                            req.context, limit)
 
     def _prefill(self, reqs: list[Request], groups: dict[int, _Group]) -> list[_Branch]:
         """One forward over every row the chosen requests need, then their first tokens."""
         c = self.cache
         rows, row_tokens, owners = [], [], []  # owners[i] = (request, branch indices of row i)
         for req in reqs:
+            self.stats["context_tokens"] += len(req.context)
             if req.parent is not None and not self.prefix_reuse:
                 c.release(req.parent)
                 req.parent = None
             if self.prefix_reuse:
-                start = 0
                 if req.parent is not None:
                     start = c.length(req.parent)
                     if start >= len(req.context):
                         raise ValueError("a request's context must extend its parent's cache")
                     seq = req.parent
-                else:
-                    seq = c.new_sequence()
+                else:  # at least the last token is computed: its logits start the reply
+                    seq, start = c.adopt(req.context, req.adapter, len(req.context) - 1)
                 rows.append(seq)
                 row_tokens.append(req.context[start:])
                 owners.append((req, list(range(req.n))))
@@ -282,8 +332,12 @@ class Engine:
                     rows.append(c.new_sequence())
                     row_tokens.append(req.context)
                     owners.append((req, [j]))
+        self._route_rows([req for req, _ in owners])
         last_logits = self._forward(rows, row_tokens)
         self.stats["prefill_tokens"] += sum(len(t) for t in row_tokens)
+        if self.prefix_reuse:
+            for (req, _), seq in zip(owners, rows):
+                c.remember(seq, req.context, req.adapter)
         branches, source_row = [], []
         for i, ((req, idx), seq) in enumerate(zip(owners, rows)):
             seqs = [seq] + (c.fork(seq, len(idx) - 1) if len(idx) > 1 else [])
@@ -339,6 +393,7 @@ class Engine:
         self._row_ints.copy_(stage.ints, non_blocking=True)
         self._row_floats.copy_(stage.floats, non_blocking=True)
         seqs = [b.seq for b in active]
+        self._route_rows([b.request for b in active])
         if self.graphs is not None and self.graphs.usable(seqs):
             logits = self.graphs.logits(seqs)
         else:
@@ -438,17 +493,22 @@ class Engine:
         return [b for b in active if b.result is None]
 
     def _finish(self, b: _Branch) -> None:
-        res = b.result
+        res, req = b.result, b.request
         if self.tokenizer is not None and res.text is None:
             res.text = self.tokenizer.decode(res.tokens)
-        if not b.request.keep:
+        if not req.keep and not self.prefix_reuse:
             self.cache.release(b.seq)
             return
         # the cache holds the context and every sampled token but the last (fed next step);
         # keep only what is still valid for the returned tokens
         kept = len(res.tokens) if b.unchanged is None else b.unchanged
-        valid = len(b.request.context) + min(kept, len(b.tokens) - 1)
+        valid = len(req.context) + min(kept, len(b.tokens) - 1)
         self.cache.truncate(b.seq, min(valid, self.cache.length(b.seq)))
+        if self.prefix_reuse:
+            self.cache.remember(b.seq, req.context + b.tokens, req.adapter)
+        if not req.keep:
+            self.cache.release(b.seq)
+            return
         res.seq = b.seq
 
 

@@ -4,6 +4,13 @@ Sequences that share a prefix share its blocks. `fork` copies nothing: every blo
 gains a reference, and a shared block that is only partly filled is copied the first time a
 branch writes into it (copy-on-write), so only that one block is ever duplicated per branch.
 
+The prefix index (`remember`, `lookup`, `adopt`) keeps blocks after their sequences end, keyed by
+(weights, tokens): a radix tree per weights key whose nodes are blocks, each holding the tokens it
+caches after its parent's. A new sequence starts from the longest cached prefix of its context,
+to the token (a partly matched block is shared and copied on the first write, as after a fork).
+Blocks that only the index holds are evicted least recently used first, leaves before parents,
+when an allocation finds the free list short; a block a sequence holds is never evicted.
+
 The model talks to the cache through `attend(layer_idx, q, k, v)`; the engine first calls
 `begin(seq_ids, n_new)` to say which sequences the forward extends and by how many tokens.
 """
@@ -27,6 +34,25 @@ class CacheFull(MaltError):
 class Sequence:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+
+
+@dataclass(eq=False)
+class _Node:
+    """One block of the prefix index: its `tokens` (at most a block) follow its parent's."""
+    block: int
+    tokens: tuple
+    parent: "_Node | None" = None
+    depth: int = 0
+    last_use: int = 0
+    children: dict = field(default_factory=dict)  # tokens -> _Node
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def reference_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
@@ -102,12 +128,29 @@ class PagedKVCache:
         self.peak_used = 0
         self._step = None
         self._static: dict[int, dict] = {}
+        self._roots: dict = {}  # weights key -> root _Node of the prefix index
+        self._indexed: dict[int, _Node] = {}  # block -> its index node
+        self._clock = 0
 
     # ------------------------------------------------------------ bookkeeping
 
     @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self.free)
+
+    @property
+    def idle_blocks(self) -> int:
+        """Blocks only the prefix index holds (evicted when an allocation needs them)."""
+        return sum(1 for b in self._indexed if self.refcount[b] == 1)
+
+    @property
+    def held_blocks(self) -> int:
+        """Blocks some sequence holds."""
+        return self.used_blocks - self.idle_blocks
+
+    def available(self) -> int:
+        """Blocks an allocation can get: the free ones plus the idle ones."""
+        return len(self.free) + self.idle_blocks
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -176,10 +219,13 @@ class PagedKVCache:
         if seq.length % self.block_size and seq.length + n_new <= len(seq.blocks) * \
                 self.block_size and self.refcount[seq.blocks[-1]] == 1:
             return  # most decode steps: room left in an unshared last block
-        if self.blocks_needed(sid, n_new) > len(self.free):
+        need = self.blocks_needed(sid, n_new)
+        if need > len(self.free) and need > self.available():
             raise CacheFull(f"KV cache full: writing {n_new} tokens needs "
-                            f"{self.blocks_needed(sid, n_new)} free blocks, {len(self.free)} of "
+                            f"{need} free blocks, {self.available()} of "
                             f"{self.num_blocks} are free; build the engine with more cache blocks")
+        if need > len(self.free):
+            self._evict(need - len(self.free))
         if n_new and seq.length % self.block_size and self.refcount[seq.blocks[-1]] > 1:
             old = seq.blocks[-1]
             new = self._alloc()
@@ -189,6 +235,102 @@ class PagedKVCache:
             seq.blocks[-1] = new
         while len(seq.blocks) < self.blocks_for(seq.length + n_new):
             seq.blocks.append(self._alloc())
+
+    # ------------------------------------------------------------ prefix index
+
+    def lookup(self, tokens, weights=None, limit: int | None = None) -> list[_Node]:
+        """The index nodes of the longest cached prefix of `tokens[:limit]` computed with
+        `weights`; the last node may match only its first tokens (see `matched`)."""
+        node, path, n = self._roots.get(weights), [], 0
+        bs, end = self.block_size, len(tokens) if limit is None else min(limit, len(tokens))
+        while node is not None and n < end:
+            rest = tokens[n:end]
+            child = node.children.get(tuple(rest[:bs])) if len(rest) >= bs else None
+            if child is None:  # the longest partial match among the children
+                best = max(node.children.values(), default=None,
+                           key=lambda c: _common_prefix(c.tokens, rest))
+                if best is not None and _common_prefix(best.tokens, rest):
+                    path.append(best)
+                break
+            path.append(child)
+            n += bs
+            node = child
+        return path
+
+    def matched(self, path: list[_Node], tokens, limit: int | None = None) -> int:
+        """Tokens of `tokens[:limit]` that `lookup`'s path covers."""
+        if not path:
+            return 0
+        full = (len(path) - 1) * self.block_size
+        end = len(tokens) if limit is None else min(limit, len(tokens))
+        return full + _common_prefix(path[-1].tokens, tokens[full:end])
+
+    def adopt(self, tokens, weights=None, limit: int | None = None) -> tuple[int, int]:
+        """A new sequence holding the longest cached prefix of `tokens[:limit]`:
+        (sequence id, its length). Its next write copies a partly matched last block."""
+        path = self.lookup(tokens, weights, limit)
+        sid = self.new_sequence()
+        seq = self.seqs[sid]
+        seq.length = self.matched(path, tokens, limit)
+        self._touch(path)
+        for node in path:
+            seq.blocks.append(node.block)
+            self.refcount[node.block] += 1
+        return sid, seq.length
+
+    def remember(self, sid: int, tokens, weights=None) -> None:
+        """Index sequence `sid`'s blocks; `tokens` are its contents (at least its length).
+
+        A node is only ever added under a node whose block `sid` holds, so a sequence holding a
+        block holds its index ancestors too: a block only the index holds has no held
+        descendants, and leaf-first eviction can free every such block."""
+        seq = self.seqs[sid]
+        if len(tokens) < seq.length:
+            raise ValueError(f"remember: {len(tokens)} tokens for a sequence of {seq.length}")
+        node = self._roots.setdefault(weights, _Node(-1, ()))
+        bs, path = self.block_size, []
+        for k, b in enumerate(seq.blocks):
+            toks = tuple(tokens[k * bs: min((k + 1) * bs, seq.length)])
+            if not toks:
+                break
+            child = node.children.get(toks)
+            if child is None:
+                if b in self._indexed or any(_common_prefix(c.tokens, toks) == len(toks)
+                                             for c in node.children.values()):
+                    break  # cached elsewhere already, or a prefix of a cached block
+                child = _Node(b, toks, node, node.depth + 1)
+                node.children[toks] = child
+                self._indexed[b] = child
+                self.refcount[b] += 1
+            elif child.block != b:
+                break  # the same tokens sit in another block: this one stays private
+            path.append(child)
+            node = child
+        self._touch(path)
+
+    def _touch(self, path: list[_Node]) -> None:
+        # one clock value for a whole root-to-node path: a parent is never older than its
+        # children, so (last_use, -depth) order evicts leaves first
+        self._clock += 1
+        for node in path:
+            node.last_use = self._clock
+
+    def _evict(self, n: int) -> None:
+        """Free up to n blocks that only the index holds, least recently used first."""
+        idle = sorted((node for b, node in self._indexed.items() if self.refcount[b] == 1),
+                      key=lambda node: (node.last_use, -node.depth))
+        for node in idle[:n]:
+            assert not node.children, "an index node evicted before its children"
+            del node.parent.children[node.tokens]
+            del self._indexed[node.block]
+            self._decref(node.block)
+
+    def clear_index(self) -> None:
+        """Forget every cached prefix (blocks still held by sequences stay theirs)."""
+        for b in list(self._indexed):
+            self._decref(b)
+        self._indexed.clear()
+        self._roots.clear()
 
     # ------------------------------------------------------------ one forward
 

@@ -66,7 +66,7 @@ def test_greedy_matches_transformers_tiny(tiny, backend, max_batch):
     st = eng.last_stats
     assert st["prefill_tokens"] == sum(map(len, PROMPTS))  # once per prompt, not per branch
     assert st["generated_tokens"] == sum(len(c) for cs in out for c in cs)
-    assert eng.cache.used_blocks == 0 and st["peak_cache_blocks"] > 0
+    assert eng.cache.held_blocks == 0 and st["peak_cache_blocks"] > 0
 
 
 def test_greedy_matches_transformers_smollm2(smol):
@@ -216,7 +216,7 @@ def test_one_token_budget_and_first_token_eos(tiny):
     first = [hf_greedy(hf, p, 1, [3])[0] for p in PROMPTS]
     eng_eos = Engine(ours, None, block_size=4, progress=False, eos_token_ids=first)
     assert eng_eos.generate(PROMPTS, n=2, max_new_tokens=5) == [[[t], [t]] for t in first]
-    assert eng_eos.cache.used_blocks == 0
+    assert eng_eos.cache.held_blocks == 0
 
 
 def test_branch_stream_is_the_generators_sequence():

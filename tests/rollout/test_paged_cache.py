@@ -108,3 +108,109 @@ def test_full_pool_raises_with_sizes():
     with pytest.raises(CacheFull, match="needs 1 free blocks, 0 of 2"):
         write(cache, sid, [2.0])
     assert read(cache, sid) == [1.0] * 8
+
+
+# ---------------------------------------------------------------- prefix index
+
+
+def indexed_refs(cache):
+    """Blocks the index holds (one reference each)."""
+    return {node.block for node in cache._indexed.values()}
+
+
+def check_index(cache):
+    refs = [0] * cache.num_blocks
+    for seq in cache.seqs.values():
+        for b in seq.blocks:
+            refs[b] += 1
+    for b in indexed_refs(cache):
+        refs[b] += 1
+    assert refs == cache.refcount
+    assert sorted(cache.free) == [b for b in range(cache.num_blocks) if refs[b] == 0]
+
+
+def test_index_gives_the_longest_prefix_of_the_same_weights_to_the_token():
+    cache = PagedKVCache(CFG, num_blocks=32, block_size=4, decode_backend="torch")
+    ctx = [float(t) for t in range(1, 12)]  # 11 tokens: blocks [1-4] [5-8] [9-11]
+    sid = cache.new_sequence()
+    write(cache, sid, ctx)
+    cache.remember(sid, ctx, "a")
+    cache.release(sid)
+    assert cache.held_blocks == 0 and cache.idle_blocks == 3
+    check_index(cache)
+    for tokens, weights, expect in [
+            (ctx, "a", 11), (ctx + [99.0], "a", 11), (ctx[:6] + [0.0, 0.0], "a", 6),
+            (ctx[:4] + [7.0], "a", 4), (ctx[:2] + [9.0], "a", 2), ([5.0] + ctx, "a", 0),
+            (ctx, "b", 0), (ctx, None, 0)]:
+        new, n = cache.adopt(tokens, weights)
+        assert n == expect
+        assert read(cache, new) == tokens[:n]  # the cached keys are these tokens' own
+        write(cache, new, tokens[n:] + [50.0])  # a partly matched block is copied, not changed
+        assert read(cache, new) == tokens + [50.0]
+        cache.release(new)
+        check_index(cache)
+    again, n = cache.adopt(ctx, "a")
+    assert n == 11 and read(cache, again) == ctx
+    new, n = cache.adopt(ctx, "a", limit=10)  # the engine always computes the last token
+    assert n == 10 and read(cache, new) == ctx[:10]
+
+
+def test_eviction_takes_idle_blocks_lru_and_never_held_ones():
+    cache = PagedKVCache(CFG, num_blocks=6, block_size=4, decode_backend="torch")
+    prompts = {w: [float(10 * i + t) for t in range(8)] for i, w in enumerate("xyz")}
+    for w, p in prompts.items():  # 2 blocks each, all idle after release
+        sid = cache.new_sequence()
+        write(cache, sid, p)
+        cache.remember(sid, p, w)
+        cache.release(sid)
+    held, n = cache.adopt(prompts["x"], "x")  # x is now the most recent and held
+    assert n == 8 and cache.held_blocks == 2 and cache.idle_blocks == 4 and not cache.free
+    big = cache.new_sequence()
+    write(cache, big, [7.0] * 9)  # needs 3 blocks: y's two (least recent), then one of z's
+    assert cache.lookup(prompts["y"], "y") == []
+    assert cache.matched(cache.lookup(prompts["z"], "z"), prompts["z"]) == 4  # its leaf went
+    assert read(cache, held) == prompts["x"]
+    check_index(cache)
+    with pytest.raises(CacheFull):  # z's first block is the last idle one; x is held
+        write(cache, big, [7.0] * 8)
+    assert read(cache, big) == [7.0] * 9 and read(cache, held) == prompts["x"]
+    check_index(cache)
+    cache.release(held)
+    write(cache, big, [7.0] * 8)  # now x's blocks may go
+    assert read(cache, big) == [7.0] * 17
+    check_index(cache)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_index_operations_keep_contents_and_refcounts(seed):
+    """Sequences adopt cached prefixes, extend them, are remembered and released, under a pool
+    small enough to evict: every sequence reads back its own tokens, refcounts stay exact."""
+    rng = random.Random(seed)
+    cache = PagedKVCache(CFG, num_blocks=24, block_size=4, decode_backend="torch")
+    stems = [[float(rng.randrange(1, 5)) for _ in range(rng.randrange(1, 12))] for _ in range(5)]
+    live = {}
+    for _ in range(120):
+        if live and (rng.random() < 0.4 or len(live) > 3):
+            sid = rng.choice(list(live))
+            if rng.random() < 0.7:
+                cache.remember(sid, live[sid], rng.choice("ab"))
+            cache.release(sid)
+            del live[sid]
+        else:
+            w = rng.choice("ab")
+            tokens = rng.choice(stems) + [float(rng.randrange(1, 5))
+                                          for _ in range(rng.randrange(1, 6))]
+            try:
+                sid, n = cache.adopt(tokens, w, len(tokens) - 1)
+                assert n == cache.matched(cache.lookup(tokens, w, len(tokens) - 1), tokens,
+                                          len(tokens) - 1)
+                write(cache, sid, tokens[n:])
+            except CacheFull:
+                cache.release(sid)
+                check_index(cache)
+                continue
+            live[sid] = tokens
+            cache.remember(sid, tokens, w)
+        for sid, tokens in live.items():
+            assert read(cache, sid) == tokens
+        check_index(cache)

@@ -42,7 +42,7 @@ def test_sampled_tree_shape_and_branches(smol):
                                             for n in _nodes(t))
     again, _ = expand_tree(eng, QUESTIONS, LAYOUT, n=3, sampling=sampling, seed=3)
     assert again == trees
-    assert eng.cache.used_blocks == 0  # every kept sequence was handed on and released
+    assert eng.cache.held_blocks == 0  # every kept sequence was handed on and released
 
 
 def _nodes(tree):
@@ -62,13 +62,14 @@ def test_prefix_reuse_equals_recomputation_and_saves_prefill(smol):
         runs[reuse] = expand_tree(eng, QUESTIONS, LAYOUT, n=3, sampling=sampling)
     assert runs[True][0] == runs[False][0]
     assert runs[True][1]["prefill_tokens"] <= 0.35 * runs[False][1]["prefill_tokens"]
-    # roles on separate engines (as with different weights) recompute contexts, same result
+    # roles on separate engines (as with different weights) share prefixes within a role only
+    # (here greedy siblings are equal, so a role reuses all but their last context token)
     per_role = {r: Engine(model, tok, progress=False) for r in ("generator", "verifier",
                                                                 "refiner")}
     trees, stats = expand_tree(per_role, QUESTIONS, LAYOUT, n=3, sampling=sampling)
     assert texts(trees) == texts(runs[True][0])
-    assert runs[True][1]["prefill_tokens"] < stats["prefill_tokens"] < runs[False][1][
-        "prefill_tokens"]
+    assert stats["prefill_tokens"] < 0.35 * stats["context_tokens"]
+    assert stats["context_tokens"] < runs[False][1]["prefill_tokens"]
 
 
 def test_transcript_matches_chat_template(smol):
@@ -100,7 +101,7 @@ def test_stop_strings_in_tree_keep_cache_consistent(smol):
     for reuse in (True, False):
         eng = Engine(model, tok, prefix_reuse=reuse, progress=False)
         runs.append(expand_tree(eng, QUESTIONS[:1], LAYOUT, n=2, sampling=sampling)[0])
-        assert eng.cache.used_blocks == 0
+        assert eng.cache.held_blocks == 0
     assert runs[0] == runs[1]
     nodes = list(_nodes(runs[0][0]))
     assert any(n["finish"] == "stop" for n in nodes)
