@@ -22,6 +22,10 @@ from malt_fast.model.llama import Llama
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# the MultiAdapterView whose forward is running: while set, every LoRALinear adds the adapter
+# of each batch row as routed there, instead of its `active` one (training never sets it)
+_routing: MultiAdapterView | None = None
+
 
 @dataclass
 class LoRAConfig:
@@ -70,6 +74,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)
+        if _routing is not None:
+            return _routing.add_routed(self, x, out)
         if self.active is None:
             return out
         a, b = self.lora_A[self.active], self.lora_B[self.active]
@@ -253,3 +259,138 @@ class AdapterView(nn.Module):
     def forward(self, *args, **kwargs):
         set_adapter(self.inner, self.adapter)
         return self.inner(*args, **kwargs)
+
+
+class MultiAdapterView(nn.Module):
+    """The shared base with several adapters at once: batch row i of a forward goes through
+    adapter names[ids[i]] for the ids of the last `route(ids)` (S-LoRA / Punica style).
+
+    Every adapted projection computes its base output with one matmul over the whole batch and
+    adds each row's low-rank update grouped by adapter: on CUDA two Triton kernels
+    (kernels/lora_grouped.py) that read the adapter of each row from a fixed device buffer, so a
+    captured CUDA graph replays with the routing of the latest `route`; on CPU one pair of small
+    matmuls per adapter present, over that adapter's rows. Rows routed to None, and rows past the
+    routed ones (a fixed-shape step's padding), get the bare base.
+
+    The adapters are copied (stacked, scaling folded in) when the view is built, as
+    `merged_model` does: build a new view after training them further. Inference only (no
+    gradient reaches the adapters); `set_adapter` and the training forward are unaffected.
+    backend: "triton" or "torch" (default: "triton" on CUDA, else "torch"); "triton" on CPU
+    tensors needs TRITON_INTERPRET=1 (tests)."""
+
+    def __init__(self, model: Llama, names: list[str | None], max_rows: int = 1024,
+                 backend: str | None = None):
+        super().__init__()
+        names = list(names)
+        configs = getattr(model, "lora_configs", {})
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat: {names}")
+        if unknown := [n for n in names if n is not None and n not in configs]:
+            raise ValueError(f"no adapter {unknown[0]!r}; have {sorted(configs)}")
+        device = model.embed_tokens.weight.device
+        backend = backend or ("triton" if device.type == "cuda" else "torch")
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+        self.inner, self.names, self.backend, self.max_rows = model, names, backend, max_rows
+        self.config = model.config
+        adapters = [n for n in names if n is not None]
+        self._slot = [adapters.index(n) if n is not None else -1 for n in names]
+        # per batch row: the adapter's slot in the stacks, -1 for none; written in place only
+        self.ids = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
+        self._groups: list[tuple[int, torch.Tensor]] = []  # torch backend: (slot, rows)
+        self._n_routed = 0
+        self._stacks = {m: self._stack(m, adapters) for m in lora_modules(model).values()
+                        if any(n in m.lora_A for n in adapters)}
+
+    @torch.no_grad()
+    def _stack(self, m: LoRALinear, adapters: list[str]):
+        """(A [n, R, in], B [n, out, R] * scaling, ranks [n]) of one projection, zero-padded;
+        an adapter that does not adapt this projection has rank 0 (all zeros)."""
+        ranks = [m.lora_A[n].shape[0] if n in m.lora_A else 0 for n in adapters]
+        dtype = next(m.lora_A[n].dtype for n in adapters if n in m.lora_A)
+        r_max = max(ranks)
+        if self.backend == "triton":
+            from malt_fast.kernels.lora_grouped import rank_tile
+
+            r_max = rank_tile(r_max)
+        out_f, in_f = m.base.weight.shape
+        a = torch.zeros(len(adapters), r_max, in_f, dtype=dtype, device=m.base.weight.device)
+        b = torch.zeros(len(adapters), out_f, r_max, dtype=dtype, device=a.device)
+        for j, n in enumerate(adapters):
+            if ranks[j]:
+                a[j, : ranks[j]] = m.lora_A[n]
+                b[j, :, : ranks[j]] = m.lora_B[n] * m.scaling[n]
+        return a, b, ranks
+
+    def index(self, name: str | None) -> int:
+        """Position of `name` in names (the id `route` takes for it)."""
+        if name not in self.names:
+            raise ValueError(f"adapter {name!r} is not in this view's names {self.names}")
+        return self.names.index(name)
+
+    def route(self, ids: list[int]) -> None:
+        """Adapter index (into names) of each batch row of the next forward(s); rows past
+        len(ids) get none."""
+        ids = list(ids)
+        if len(ids) > self.max_rows:
+            raise ValueError(f"{len(ids)} rows routed; this view holds at most {self.max_rows} "
+                             "(max_rows)")
+        if bad := [i for i in ids if not 0 <= i < len(self.names)]:
+            raise ValueError(f"adapter index {bad[0]} out of range for names {self.names}")
+        slots = [self._slot[i] for i in ids]
+        host = torch.full((self.max_rows,), -1, dtype=torch.int32)
+        host[: len(slots)] = torch.tensor(slots, dtype=torch.int32)
+        self.ids.copy_(host)  # in place: a captured graph reads this very buffer
+        self._n_routed = len(slots)
+        if self.backend == "torch":
+            # the row lists once per routing, not once per projection
+            rows: dict[int, list[int]] = {}
+            for i, j in enumerate(slots):
+                if j >= 0:
+                    rows.setdefault(j, []).append(i)
+            self._groups = [(j, torch.tensor(r, device=self.ids.device))
+                            for j, r in sorted(rows.items())]
+
+    def add_routed(self, m: LoRALinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (= m.base(x)) plus each routed row's update of projection m, in place."""
+        stack = self._stacks.get(m)
+        if stack is None:  # none of the names adapts this projection
+            return out
+        if not self._n_routed <= x.shape[0] <= self.max_rows:
+            raise ValueError(f"a forward of {x.shape[0]} rows, {self._n_routed} routed "
+                             f"(max_rows {self.max_rows})")
+        a, b, ranks = stack
+        if self.backend == "triton":
+            from malt_fast.kernels.lora_grouped import add_grouped_lora_
+
+            return add_grouped_lora_(out, x, self.ids, a, b)
+        for j, rows in self._groups:
+            r = ranks[j]
+            if r:  # as LoRALinear.forward: computed in the adapter dtype, added in out's
+                delta = (x[rows].to(a.dtype) @ a[j, :r].T) @ b[j, :, :r].T
+                out.index_add_(0, rows, delta.to(out.dtype))
+        return out
+
+    @property
+    def lm_head(self):
+        return self.inner.lm_head
+
+    @property
+    def embed_tokens(self):
+        return self.inner.embed_tokens
+
+    def _routed(self, fn, *args, **kwargs):
+        global _routing
+        if _routing is not None:
+            raise RuntimeError("a MultiAdapterView forward is already running")
+        _routing = self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _routing = None
+
+    def hidden_states(self, *args, **kwargs):
+        return self._routed(self.inner.hidden_states, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self._routed(self.inner, *args, **kwargs)
