@@ -186,12 +186,17 @@ class Run:
         With engine.merge_adapters the engine decodes a merged copy of the adapted projections
         (faster; one more copy of them per engine), else through the LoRA wrappers."""
         from malt_fast.model.lora import AdapterView, merged_model
-        from malt_fast.rollout import Engine
 
         e = self.cfg["engine"]
         model = self.model if model is None else model
         view = merged_model(model, adapter) if e["merge_adapters"] else AdapterView(model, adapter)
-        return Engine(view, self.tok, progress=progress, max_batch=e["max_batch"],
+        return self._engine(view, progress)
+
+    def _engine(self, model, progress=True):
+        from malt_fast.rollout import Engine
+
+        e = self.cfg["engine"]
+        return Engine(model, self.tok, progress=progress, max_batch=e["max_batch"],
                       cache_tokens=e["cache_tokens"])
 
     def role_engine(self, role: str):
@@ -202,8 +207,23 @@ class Run:
             return self.engine(model=self.models.roles[role])
         return self.engine(role if role in getattr(self.model, "lora_configs", {}) else None)
 
-    def role_engines(self) -> dict:
-        return {r: self.role_engine(r) for r in ROLES}
+    def role_engines(self, extra: tuple = ()) -> dict:
+        """role -> what decodes it, for the three roles and `extra` ones (e.g. STaR's agent).
+
+        Trained LoRA roles with engine.multi_adapter share one engine whose batches mix rows
+        of every adapter (role -> (engine, adapter)); otherwise each role has its own engine."""
+        roles = list(ROLES) + list(extra)
+        lora = getattr(self.model, "lora_configs", {})
+        adapters = {r: r if r in lora else None for r in roles}
+        if self.cfg["engine"]["multi_adapter"] and not self.models.roles and any(adapters.values()):
+            from malt_fast.model.lora import MultiAdapterView
+
+            names = [None] + [r for r in roles if adapters[r]]
+            view = MultiAdapterView(self.model, names,
+                                    max_rows=max(1024, self.cfg["engine"]["max_batch"]))
+            engine = self._engine(view)
+            return {r: (engine, adapters[r]) for r in roles}
+        return {r: self.role_engine(r) for r in roles}
 
     def record(self, stage: str, seconds: float, **extra) -> None:
         with open(self.metrics, "a") as f:
@@ -529,8 +549,8 @@ class Run:
                 def trained_part(seed=seed, t=t):
                     if not engine:
                         self.use_roles(self.checkpoints(t))
-                        engine["tuned"] = self.role_engines()
-                        engine["star"] = self.role_engine(STAR) if self.star else None
+                        engine["tuned"] = self.role_engines((STAR,) if self.star else ())
+                        engine["star"] = engine["tuned"].pop(STAR, None)
                     r = evaluate(test, None, engine["tuned"], engine["star"], seeds=(seed,), **kw)
                     if t is not None:
                         r["per_question"] = {m: {f"{t}/{k}": v for k, v in q.items()}
@@ -542,8 +562,24 @@ class Run:
         results = combine_seeds(parts, e, base)
         results["training_seeds"] = [x for x in self.training_seeds() if x is not None]
         write_report(results, out)
-        self.record("evaluate", time.perf_counter() - t0)
+        self.record_rollouts(parts, time.perf_counter() - t0)
         return results
+
+    def record_rollouts(self, parts: list[dict], seconds: float) -> None:
+        """One evaluate record per pipeline run (MA: SA too; STaR; MALT) with its engine counts
+        summed over the parts: prefill_tokens computed, context_tokens without reuse."""
+        from malt_fast.eval.evaluate import ROLLOUT_METHODS, add_rollout
+
+        rollout: dict = {}
+        for p in parts:
+            for name, stats in p.get("rollout", {}).items():
+                add_rollout(rollout, name, stats)
+        if not rollout:  # every part was computed by an older version
+            self.record("evaluate", seconds)
+        for name, stats in rollout.items():
+            self.record("evaluate", stats["wall_s"], method=name,
+                        methods=list(ROLLOUT_METHODS[name]), evaluate_wall_s=seconds,
+                        **{k: v for k, v in stats.items() if k != "wall_s"})
 
 
 def _flatten(node, prefix: str) -> dict:

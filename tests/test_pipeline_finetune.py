@@ -12,7 +12,8 @@ import malt_fast.malt.expand as expand_mod
 import pytest
 
 from malt_fast.model import load_model
-from malt_fast.model.lora import AdapterView, adapter_state_dict, load_adapter, merged_model
+from malt_fast.model.lora import (AdapterView, MultiAdapterView, adapter_state_dict, load_adapter,
+                                  merged_model)
 from malt_fast.pipeline import Run, resolve, run_pipeline
 from malt_fast.train.trainer import Trainer
 from test_pipeline import fast_tokenizer  # noqa: F401  (a fixture)
@@ -36,7 +37,16 @@ def config(assets, tokenizer, run_dir, train, **over):
 
 def weights_of(engine):
     """The tensors an engine decodes with, under our names: (adapter name, {name: tensor});
-    a merged model (engine.merge_adapters) has no adapter, its merged weights are the tensors."""
+    a merged model (engine.merge_adapters) has no adapter, its merged weights are the tensors.
+    `engine` may be an (engine, adapter) pair of a multi-adapter engine."""
+    if isinstance(engine, tuple):
+        engine, adapter = engine
+        view = engine.model
+        assert isinstance(view, MultiAdapterView)
+        if adapter is not None:
+            return adapter, {k: v.clone() for k, v in
+                             adapter_state_dict(view.inner, adapter).items()}
+        return None, {k: v.clone() for k, v in view.inner.state_dict().items()}
     view = engine.model
     if not isinstance(view, AdapterView):
         return None, {k: v.clone() for k, v in view.state_dict().items()}
@@ -124,12 +134,14 @@ def test_full_finetune_two_rounds(assets, fast_tokenizer, tmp_path, monkeypatch,
     assert all(same(fresh.models.roles[r].state_dict(), exported[2][r]) for r in ROLES)
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("engines", ["view", "merged", "multi"])
 def test_subset_of_roles_evaluates_trained_and_base(assets, fast_tokenizer, tmp_path,
-                                                    monkeypatch, torch_threads, merge):
+                                                    monkeypatch, torch_threads, engines):
+    merge = engines == "merged"
     cfg = config(assets, fast_tokenizer, tmp_path / "run",
                  {"roles": ["verifier"], "lora": {"rank": 2, "alpha": 4.0}},
-                 engine={"max_batch": 16, "cache_tokens": 4096, "merge_adapters": merge})
+                 engine={"max_batch": 16, "cache_tokens": 4096, "merge_adapters": merge,
+                         "multi_adapter": engines == "multi"})
     seen = spy(monkeypatch)
     run_pipeline(cfg, log=lambda *a: None)
     ckpt = tmp_path / "run" / "train" / "checkpoints"

@@ -38,8 +38,8 @@ def config(assets, tokenizer, run_dir, **over):
            "threads": 1, "dataset": str(data), "train_questions": 4, "n": 2,
            "chunk_questions": 2, "rounds": 2,
            "sampling": {"temperature": 1.0, "max_new_tokens": 8},
-           # through the adapters, so the spy below can read which adapter each engine runs
-           # (merged role weights: tests/test_pipeline_finetune.py)
+           # the roles share one multi-adapter engine, so the spy below can read which adapter
+           # each role runs (merged role weights: tests/test_pipeline_finetune.py)
            "engine": {"max_batch": 16, "cache_tokens": 4096, "merge_adapters": False},
            # the digit model often fills its 8-token budget: keep its cut replies (as open
            # turns), or a role can be left with nothing to train on in a round
@@ -59,11 +59,14 @@ def spy_on_expansion(monkeypatch):
         if isinstance(engine, Engine):
             seen.append({"path": out_path, "shared": True, "adapter": engine.model.adapter})
         else:
+            # (engine, adapter) pairs of one multi-adapter engine, or an AdapterView per role
+            bound = {r: (e[0].model.inner, e[1]) if isinstance(e, tuple) else
+                     (e.model.inner, e.model.adapter) for r, e in engine.items()}
             seen.append({"path": out_path, "shared": False,
-                         "adapters": {r: e.model.adapter for r, e in engine.items()},
+                         "adapters": {r: a for r, (_, a) in bound.items()},
                          "weights": {r: {k: v.clone() for k, v in
-                                         adapter_state_dict(e.model.inner, r).items()}
-                                     for r, e in engine.items()}})
+                                         adapter_state_dict(inner, r).items()}
+                                     for r, (inner, _) in bound.items()}})
         return real(examples, engine, out_path, *args, **kwargs)
 
     monkeypatch.setattr(expand_mod, "run_expand", spy)

@@ -67,11 +67,28 @@ def _chain_questions(examples: list[Example], chains: int, prompts_path):
     return [question_text(ex, prompts) for ex in examples for _ in range(chains)], prompts
 
 
+ROLLOUT_KEYS = ("prefill_tokens", "context_tokens", "generated_tokens", "decode_steps", "wall_s")
+# the rollout that produces each method's answers (SA is the generator level of MA's chains)
+ROLLOUT_METHODS = {"MA": ("SA", "SA+MV@3", "MA", "MA+MV@3"), "STaR": ("STaR", "STaR+MV@3"),
+                   "MALT": ("MALT", "MALT+MV@3")}
+
+
+def add_rollout(totals: dict, name: str, stats: dict) -> None:
+    """Add one engine run's counts to totals[name] (prefill_tokens: tokens computed;
+    context_tokens: what an engine without reuse would prefill)."""
+    t = totals.setdefault(name, {k: 0 for k in ROLLOUT_KEYS})
+    for k in ROLLOUT_KEYS:
+        t[k] += stats.get(k, 0)
+
+
 def run_chains(engines, examples: list[Example], chains: int, sampling, seed: int,
-               prompts_path=None) -> list[dict]:
-    """Per example: the generator and refiner answers of each chain."""
+               prompts_path=None, rollout: dict | None = None, name: str = "MA") -> list[dict]:
+    """Per example: the generator and refiner answers of each chain (the engines' counts are
+    added to rollout[name])."""
     questions, prompts = _chain_questions(examples, chains, prompts_path)
-    trees, _ = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=seed)
+    trees, stats = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=seed)
+    if rollout is not None:
+        add_rollout(rollout, name, stats)
     out = []
     for i, ex in enumerate(examples):
         gens, finals = [], []
@@ -85,11 +102,13 @@ def run_chains(engines, examples: list[Example], chains: int, sampling, seed: in
 
 
 def run_single(engine, examples: list[Example], chains: int, sampling, seed: int,
-               prompts_path=None) -> list[dict]:
+               prompts_path=None, rollout: dict | None = None, name: str = "STaR") -> list[dict]:
     """Per example: the answers of `chains` single-agent samples (the generator level alone)."""
     questions, prompts = _chain_questions(examples, chains, prompts_path)
     s = sampling["generator"] if isinstance(sampling, dict) else sampling
-    gens = expand_generations(engine, questions, role_layout(prompts), 1, s, seed=seed)
+    gens, stats = expand_generations(engine, questions, role_layout(prompts), 1, s, seed=seed)
+    if rollout is not None:
+        add_rollout(rollout, name, stats)
     out = []
     for i, ex in enumerate(examples):
         answers = [extract_answer(g[0]["text"], ex.dataset, ex.choices)
@@ -142,11 +161,12 @@ def evaluate(test: list[Example], base_engines=None, trained_engines=None, star_
              prompts_path=None) -> dict:
     """Accuracy per method and seed of whichever engines are given: `base_engines` (SA, MA and
     their MV@3), `trained_engines` (MALT), `star_engine` (the STaR-trained single agent). An
-    `*_engines` argument is one Engine or a dict role -> Engine."""
+    `*_engines` argument is one Engine or a dict role -> Engine or (Engine, adapter); the
+    results' `rollout` holds each pipeline's engine counts (ROLLOUT_METHODS)."""
     if not test:
         raise ValueError("evaluate: the test set is empty")
     per_question: dict[str, dict] = {m: {} for m in METHODS}
-    transitions = {}
+    transitions, rollout = {}, {}
 
     def record(single, vote, answers, subset, key, seed):
         per_question[single][str(seed)], per_question[vote][str(seed)] = \
@@ -161,21 +181,24 @@ def evaluate(test: list[Example], base_engines=None, trained_engines=None, star_
     for seed in seeds:
         subset = random.Random(seed).sample(test, min(questions, len(test)))
         if base_engines is not None:
-            base = run_chains(base_engines, subset, chains, sampling, seed, prompts_path)
+            base = run_chains(base_engines, subset, chains, sampling, seed, prompts_path, rollout,
+                              "MA")
             record("SA", "SA+MV@3", base, subset, "generator", seed)
             record("MA", "MA+MV@3", base, subset, "final", seed)
             count("MA", base, subset)
         if star_engine is not None:
-            star = run_single(star_engine, subset, chains, sampling, seed, prompts_path)
+            star = run_single(star_engine, subset, chains, sampling, seed, prompts_path, rollout,
+                              "STaR")
             record("STaR", "STaR+MV@3", star, subset, "generator", seed)
         if trained_engines is not None:
-            malt = run_chains(trained_engines, subset, chains, sampling, seed, prompts_path)
+            malt = run_chains(trained_engines, subset, chains, sampling, seed, prompts_path,
+                              rollout, "MALT")
             record("MALT", "MALT+MV@3", malt, subset, "final", seed)
             count("MALT", malt, subset)
     per_question = {m: q for m, q in per_question.items() if q}
     return summarize({"dataset": test[0].dataset, "seeds": list(seeds), "questions": questions,
                       "chains": chains, "transitions": transitions,
-                      "per_question": per_question})
+                      "per_question": per_question, "rollout": rollout})
 
 
 def summarize(results: dict) -> dict:

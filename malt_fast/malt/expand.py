@@ -80,7 +80,8 @@ def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=N
     sampling = sampling or {r: LevelSampling() for r in ROLES}
     todo_chunks = [(c, examples[c:c + chunk]) for c in range(0, len(examples), chunk)]
     todo_chunks = [(c, exs) for c, exs in todo_chunks if any(e.id not in done for e in exs)]
-    totals = {"questions": 0, "generated_tokens": 0, "prefill_tokens": 0, "wall_s": 0.0}
+    totals = {"questions": 0, "generated_tokens": 0, "prefill_tokens": 0, "context_tokens": 0,
+              "wall_s": 0.0}
     if not todo_chunks:
         return totals
     prompts_by_family: dict[str, RolePrompts] = {}
@@ -98,6 +99,7 @@ def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=N
             wall = time.perf_counter() - t0
             totals["generated_tokens"] += stats.get("generated_tokens", 0)
             totals["prefill_tokens"] += stats.get("prefill_tokens", 0)
+            totals["context_tokens"] += stats.get("context_tokens", 0)
             totals["wall_s"] += wall
             if metrics_path is not None:
                 rec = {"stage": "expand", "chunk": c, "questions": len(exs), "wall_s": wall,

@@ -7,8 +7,11 @@ every role, a critique request extends g's sequence in the cache and only the in
 prefilled; the same holds for refinements. Levels are pipelined: a question's critiques start as
 soon as its generations finish, so decode batches stay full.
 
-When the roles have different engines (different weights), each level is run on its own engine
-with the full context prefilled once per request and shared only by that request's n branches.
+Roles with other weights on the same engine (a multi-adapter engine: each role's requests name
+its adapter) run interleaved in the same way, but a child cannot extend a sequence computed with
+its parent role's weights: it starts from whatever its own weights have cached (the engine's
+prefix index: the question, and a sibling's generation or critique). Roles on different engines
+run level by level, each engine reusing its own cached prefixes.
 
 Context token ids are built from the sampled tokens, never from re-encoded text, so the cache is
 reused exactly; the text between two turns comes from the tokenizer's chat template.
@@ -97,38 +100,53 @@ def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
                 seed: int = 0) -> tuple[list[dict], dict]:
     """n generations per question, n critiques per generation, n refinements per critique.
 
-    `engines` is one Engine for every role, or a dict role → Engine. Returns (trees, stats):
-    trees[i] = {"question", "generations": [{"text", "tokens", "finish", "verifications":
-    [{..., "refinements": [{"text", "tokens", "finish"}]}]}]}; stats sums the engines' runs.
+    `engines` is one Engine for every role, or a dict role → Engine or (Engine, adapter name)
+    (an adapter of the engine's MultiAdapterView). Returns (trees, stats): trees[i] =
+    {"question", "generations": [{"text", "tokens", "finish", "verifications": [{...,
+    "refinements": [{"text", "tokens", "finish"}]}]}]}; stats sums the engines' runs.
     """
-    if isinstance(engines, Engine):
+    roles = role_bindings(engines)
+    if not isinstance(sampling, dict):
+        sampling = {r: sampling or LevelSampling() for r in ROLES}
+    transcript = Transcript(roles["generator"][0].tokenizer, layout)
+    trees = [{"question": q, "generations": []} for q in questions]
+    one_engine = len({id(e) for e, _ in roles.values()}) == 1
+    expand = _expand_one_engine if one_engine else _expand_per_role
+    stats = expand(roles, transcript, questions, trees, n, sampling, seed)
+    return trees, stats
+
+
+def role_bindings(engines) -> dict[str, tuple[Engine, str | None]]:
+    """role -> (Engine, adapter) from an Engine or a dict role -> Engine or (Engine, adapter)."""
+    if not isinstance(engines, dict):
         engines = {r: engines for r in ROLES}
     missing = [r for r in ROLES if r not in engines]
     if missing:
         raise MaltError(f"expand_tree: no engine for role(s) {missing}")
-    if not isinstance(sampling, dict):
-        sampling = {r: sampling or LevelSampling() for r in ROLES}
-    transcript = Transcript(engines["generator"].tokenizer, layout)
-    trees = [{"question": q, "generations": []} for q in questions]
-    shared = engines["generator"] is engines["verifier"] is engines["refiner"]
-    expand = _expand_shared if shared else _expand_per_role
-    stats = expand(engines, transcript, questions, trees, n, sampling, seed)
-    return trees, stats
+    return {r: bind(engines[r]) for r in ROLES}
 
 
-def expand_generations(engine: Engine, questions: list[str], layout: RoleLayout, n: int = 1,
-                       sampling: LevelSampling | None = None, seed: int = 0) -> list[list[dict]]:
+def bind(engine) -> tuple[Engine, str | None]:
+    """(Engine, adapter) from an Engine (its only weights) or an (Engine, adapter) pair."""
+    return engine if isinstance(engine, tuple) else (engine, None)
+
+
+def expand_generations(engine, questions: list[str], layout: RoleLayout, n: int = 1,
+                       sampling: LevelSampling | None = None, seed: int = 0) -> tuple[list, dict]:
     """The first level alone (a single agent): n generations per question, sampled with the
-    same request seeds as expand_tree's generator level, so equal weights give equal texts."""
+    same request seeds as expand_tree's generator level, so equal weights give equal texts.
+    `engine` is an Engine or (Engine, adapter). Returns (generations per question, stats)."""
+    engine, adapter = bind(engine)
     transcript = Transcript(engine.tokenizer, layout)
     out: list[list[dict]] = [[] for _ in questions]
 
     def done(req, comps):
         out[req.path[1]] = [_node(c) for c in comps]
 
-    engine.run([_request(0, transcript.generator_context(q), n, sampling or LevelSampling(), seed,
-                         (i,), on_done=done) for i, q in enumerate(questions)])
-    return out
+    stats = engine.run([_request(0, transcript.generator_context(q), n,
+                                 sampling or LevelSampling(), seed, (i,), on_done=done,
+                                 adapter=adapter) for i, q in enumerate(questions)])
+    return out, stats
 
 
 def _node(c: Completion) -> dict:
@@ -141,9 +159,13 @@ def _request(level: int, ctx: list[int], n: int, s: LevelSampling, seed: int, pa
                    stop_line=tuple(s.stop_line), **kw)
 
 
-def _expand_shared(engines, transcript, questions, trees, n, sampling, seed) -> dict:
-    """One engine: children extend their parent's cache sequence; levels run interleaved."""
-    engine = engines["generator"]
+def _expand_one_engine(roles, transcript, questions, trees, n, sampling, seed) -> dict:
+    """One engine: levels run interleaved; a child of a role with the same weights extends its
+    parent's cache sequence."""
+    engine = roles["generator"][0]
+    adapter = {r: a for r, (_, a) in roles.items()}
+    extends = {"verifier": adapter["verifier"] == adapter["generator"],
+               "refiner": adapter["refiner"] == adapter["verifier"]}
     reuse = engine.prefix_reuse
 
     def on_refinements(req, comps):
@@ -157,7 +179,8 @@ def _expand_shared(engines, transcript, questions, trees, n, sampling, seed) -> 
             node["verifications"].append(child_node)
             ctx = transcript.next_context(req.context, c.tokens, question, "refiner")
             child = _request(2, ctx, n, sampling["refiner"], seed, req.path[1:] + (k,),
-                             parent=c.seq, on_done=on_refinements, tag=child_node)
+                             parent=c.seq if extends["refiner"] else None,
+                             on_done=on_refinements, tag=child_node, adapter=adapter["refiner"])
             engine.submit(child)
 
     def on_generations(req, comps):
@@ -167,19 +190,21 @@ def _expand_shared(engines, transcript, questions, trees, n, sampling, seed) -> 
             tree["generations"].append(node)
             ctx = transcript.next_context(req.context, c.tokens, tree["question"], "verifier")
             child = _request(1, ctx, n, sampling["verifier"], seed, req.path[1:] + (j,),
-                             parent=c.seq, keep=True, on_done=on_verifications,
-                             tag=(node, tree["question"]))
+                             parent=c.seq if extends["verifier"] else None,
+                             keep=extends["refiner"], on_done=on_verifications,
+                             tag=(node, tree["question"]), adapter=adapter["verifier"])
             engine.submit(child)
 
     roots = [_request(0, transcript.generator_context(q), n, sampling["generator"], seed, (i,),
-                      keep=True, on_done=on_generations) for i, q in enumerate(questions)]
+                      keep=extends["verifier"], on_done=on_generations,
+                      adapter=adapter["generator"]) for i, q in enumerate(questions)]
     stats = engine.run(roots)
     stats["prefix_reuse"] = reuse
     return stats
 
 
-def _expand_per_role(engines, transcript, questions, trees, n, sampling, seed) -> dict:
-    """Roles with their own weights: each level on its role's engine, full context per request."""
+def _expand_per_role(roles, transcript, questions, trees, n, sampling, seed) -> dict:
+    """Roles on their own engines: each level on its role's engine."""
     totals: dict = {}
 
     def run(role, level, items):
@@ -189,9 +214,10 @@ def _expand_per_role(engines, transcript, questions, trees, n, sampling, seed) -
         def done(req, comps):
             out[req.tag] = comps
 
-        reqs = [_request(level, ctx, n, sampling[role], seed, path, on_done=done, tag=i)
-                for i, (ctx, path, _) in enumerate(items)]
-        stats = engines[role].run(reqs)
+        engine, adapter = roles[role]
+        reqs = [_request(level, ctx, n, sampling[role], seed, path, on_done=done, tag=i,
+                         adapter=adapter) for i, (ctx, path, _) in enumerate(items)]
+        stats = engine.run(reqs)
         for k, v in stats.items():
             totals[k] = max(totals.get(k, 0), v) if k == "peak_cache_blocks" else \
                 totals.get(k, 0) + v
@@ -215,5 +241,5 @@ def _expand_per_role(engines, transcript, questions, trees, n, sampling, seed) -
                                            else "refinements"])
         items, level_nodes = next_items, next_nodes
     totals["tokens_per_s"] = totals.get("generated_tokens", 0) / max(totals.get("wall_s", 0), 1e-9)
-    totals["prefix_reuse"] = False
+    totals["prefix_reuse"] = all(e.prefix_reuse for e, _ in roles.values())
     return totals
