@@ -7,7 +7,8 @@ import sys
 
 from malt_fast.malt import trees
 
-if os.environ.get("RANK") == os.environ.get("MALT_TEST_DIE_RANK"):
+if "MALT_TEST_DIE_RANK" in os.environ and os.environ.get("RANK") == os.environ[
+        "MALT_TEST_DIE_RANK"]:
     after, written = int(os.environ["MALT_TEST_DIE_AFTER"]), []
     real_write = trees.TreeWriter.write
 

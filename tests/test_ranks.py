@@ -149,3 +149,31 @@ def test_dead_rank_resumes(setup, reference, tmp_path, torch_threads):  # noqa: 
     same_trees(other, reference)
     counts = Counter(r["chunk"] for r in chunk_records(other))
     assert counts[2] == 1 and max(counts.values()) == 1, counts
+
+
+def test_whole_run_on_two_ranks(setup, tmp_path, torch_threads):  # noqa: F811
+    """`torchrun ... run`: expansion and evaluation across the ranks, credit and (without
+    `deepspeed:`) training on rank 0 while rank 1 waits, the trained roles evaluated on both:
+    every file equals one process's run. (With `deepspeed:` the ranks train together in the
+    same processes: run by hand, docs/distributed.md; it takes ~85 s here.)"""
+    from safetensors.torch import load_file
+
+    _, config = setup
+    over = ["--set", "train_questions=4", "--set", "credit.cut_replies=keep",
+            "--set", "evaluate.seeds=[0,1]"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(["run", str(config(ref)), *over]) == 0
+    proc = torchrun("run", config(run), *over)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1  # rank 0 prints
+    assert (run / "trees.jsonl").read_bytes() == (ref / "trees.jsonl").read_bytes()
+    for f in sorted((ref / "data").glob("*.jsonl")):
+        assert (run / "data" / f.name).read_bytes() == f.read_bytes(), f.name
+    for role in ("generator", "verifier", "refiner"):
+        a, b = (load_file(d / "train" / "checkpoints" / role / "adapter_model.safetensors")
+                for d in (run, ref))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), role
+    got, want = (json.loads((d / "eval" / "results.json").read_text()) for d in (run, ref))
+    assert "MALT" in got["methods"] and got == want
+    stages = Counter(json.loads(x)["stage"] for x in open(run / "metrics.jsonl"))
+    assert stages["credit"] == stages["train"] == stages["evaluate"] == 1  # rank 0's records
