@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -169,8 +170,6 @@ RANKED = ("run", "expand", "evaluate")
 
 def stage_log():
     """print on rank 0 (and in one process); the other ranks of a torchrun launch stay quiet."""
-    import os
-
     return print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
 
 
@@ -241,6 +240,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ranked = args.command in RANKED
     try:
+        if (args.command == "profile" or getattr(args, "profile", False)) and \
+                int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MaltError("profiling runs in one process: start it without torchrun")
         if ranked:  # under torchrun: join the ranks' group (one process: nothing happens)
             from malt_fast import ranks
 

@@ -14,7 +14,10 @@ threshold follows `credit.theta_schedule`.
 
 With a `deepspeed:` entry the train stage runs as `deepspeed.nproc` processes under torchrun
 (`malt-fast train` on a generated config, one DeepSpeed engine per role); the other stages stay
-in this process.
+in this process. Started under torchrun itself, every stage runs on the launcher's ranks:
+expansion chunks and evaluation parts are shared out, rank 0 merges them and writes the records,
+and the DeepSpeed train stage runs in the ranks' own processes (malt_fast/ranks.py,
+docs/distributed.md).
 
 Every round lives in RUN_DIR/round-{r}/ with the single-round layout inside; RUN_DIR/rounds.md,
 rounds.json and plots/rounds.png compare the rounds. With `rounds: 1` the stages write directly
