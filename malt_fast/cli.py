@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -120,13 +121,13 @@ def cmd_run(args) -> None:
 
     cfg = run_config(args)
     if args.restart:
-        Run(cfg).restart(args.restart)
+        Run(cfg, log=stage_log()).restart(args.restart)
     if args.profile:  # the same run, timed per phase, with a trace (docs/pipeline.md)
         from malt_fast.profile import profile_pipeline
 
         profile_pipeline(cfg, trace=not args.no_trace, trace_calls=args.trace_calls or None)
     else:
-        run_pipeline(cfg)
+        run_pipeline(cfg, log=stage_log())
 
 
 def cmd_profile(args) -> None:
@@ -142,11 +143,11 @@ def cmd_expand(args) -> None:
     """Expand the configured training questions into RUN_DIR/trees.jsonl (resumable)."""
     from malt_fast.pipeline import Run
 
-    run = Run(run_config(args), round=args.round or 1)
+    run = Run(run_config(args), log=stage_log(), round=args.round or 1)
     if args.restart:
         run.restart("expand")
     run.start_round()  # round >= 2 expands with the previous round's adapters
-    print(run.expand())
+    run.log(run.expand())
 
 
 def cmd_evaluate(args) -> None:
@@ -155,12 +156,21 @@ def cmd_evaluate(args) -> None:
     from malt_fast.pipeline import Run
 
     cfg = run_config(args)
-    run = Run(cfg, round=args.round or cfg["rounds"])
+    run = Run(cfg, log=stage_log(), round=args.round or cfg["rounds"])
     if args.restart:
         run.restart("evaluate")
-    print(format_table(run.evaluate(trained=run.load_trained(),
-                                    base=run.base_results())))
-    print(f"report: {run.dir / 'eval' / 'report.md'}")
+    run.log(format_table(run.evaluate(trained=run.load_trained(),
+                                      base=run.base_results())))
+    run.log(f"report: {run.dir / 'eval' / 'report.md'}")
+
+
+# commands that run across ranks under torchrun (docs/distributed.md)
+RANKED = ("run", "expand", "evaluate")
+
+
+def stage_log():
+    """print on rank 0 (and in one process); the other ranks of a torchrun launch stay quiet."""
+    return print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    ranked = args.command in RANKED
     try:
+        if (args.command == "profile" or getattr(args, "profile", False)) and \
+                int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MaltError("profiling runs in one process: start it without torchrun")
+        if ranked:  # under torchrun: join the ranks' group (one process: nothing happens)
+            from malt_fast import ranks
+
+            ranks.init()
         args.func(args)
     except MaltError as e:
         print(f"malt-fast: error: {e}", file=sys.stderr)
@@ -236,6 +254,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("malt-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if ranked:
+            ranks.finish()
     return 0
 
 

@@ -14,7 +14,10 @@ threshold follows `credit.theta_schedule`.
 
 With a `deepspeed:` entry the train stage runs as `deepspeed.nproc` processes under torchrun
 (`malt-fast train` on a generated config, one DeepSpeed engine per role); the other stages stay
-in this process.
+in this process. Started under torchrun itself, every stage runs on the launcher's ranks:
+expansion chunks and evaluation parts are shared out, rank 0 merges them and writes the records,
+and the DeepSpeed train stage runs in the ranks' own processes (malt_fast/ranks.py,
+docs/distributed.md).
 
 Every round lives in RUN_DIR/round-{r}/ with the single-round layout inside; RUN_DIR/rounds.md,
 rounds.json and plots/rounds.png compare the rounds. With `rounds: 1` the stages write directly
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from malt_fast import ranks
 from malt_fast.config import STAR, round_thetas, run_dict, train_config
 from malt_fast.errors import MaltError
 from malt_fast.model.dtypes import placement
@@ -171,7 +175,8 @@ class Run:
         return self.models.model
 
     def placement(self) -> tuple:
-        return placement(self.cfg["dtype"], self.cfg["device"], "config")
+        dtype, device = placement(self.cfg["dtype"], self.cfg["device"], "config")
+        return dtype, ranks.device(device)  # across ranks, rank r decodes on cuda:LOCAL_RANK
 
     @property
     def tok(self):
@@ -226,6 +231,8 @@ class Run:
         return {r: self.role_engine(r) for r in roles}
 
     def record(self, stage: str, seconds: float, **extra) -> None:
+        if not ranks.is_main():  # across ranks, rank 0 writes the stage records
+            return
         with open(self.metrics, "a") as f:
             f.write(json.dumps({"stage": stage, "round": self.round, "wall_s": seconds,
                                 **extra}) + "\n")
@@ -258,7 +265,8 @@ class Run:
         info = {"round": self.round, "theta": self.theta, "seed": self.seed,
                 "adapters_from": str(prev) if prev is not None else None,
                 "roles_from_adapters": loaded}
-        atomic_write_text(self.dir / "round.json", json.dumps(info, indent=2) + "\n")
+        if ranks.is_main():
+            atomic_write_text(self.dir / "round.json", json.dumps(info, indent=2) + "\n")
 
     # ---------------------------------------------------------------- stale-result guard
 
@@ -304,14 +312,16 @@ class Run:
                             f"new run_dir, or rerun with --restart {stage} (recomputes it and the "
                             "stages after it)")
         records[stage] = now
-        atomic_write_text(self.dir / "stages.json", json.dumps(records, indent=1) + "\n")
+        if ranks.is_main():  # every rank checks, rank 0 writes
+            atomic_write_text(self.dir / "stages.json", json.dumps(records, indent=1) + "\n")
 
     def restart(self, stage: str) -> None:
         """Delete `stage`'s outputs and those of every later stage, in this round and later
         ones, so the next run recomputes them."""
         import shutil
 
-        for r in range(self.round, self.cfg["rounds"] + 1):
+        ranks.barrier()  # every rank has built its Run (and read stages.json) before rank 0 deletes
+        for r in range(self.round, self.cfg["rounds"] + 1) if ranks.is_main() else ():
             run = self if r == self.round else self.for_round(r)
             first = STAGES.index(stage) if r == self.round else 0
             records = _stage_records(run.dir)
@@ -326,12 +336,14 @@ class Run:
                 from malt_fast.malt.trees import atomic_write_text
 
                 atomic_write_text(run.dir / "stages.json", json.dumps(records, indent=1) + "\n")
+        ranks.barrier()
         self.log(f"restart: {stage} and the stages after it will be recomputed")
 
     # ---------------------------------------------------------------- stages
 
     def expand(self) -> Path:
-        from malt_fast.malt.expand import level_sampling, run_expand
+        from malt_fast.malt.expand import (level_sampling, merge_rank_parts, parts_finished_ids,
+                                           rank_part, rank_parts, run_expand)
         from malt_fast.malt.trees import finished_ids
 
         c = self.cfg
@@ -340,17 +352,43 @@ class Run:
         if not train:
             raise MaltError(f"{c['dataset']}: the training split is empty")
         path = self.dir / "trees.jsonl"
-        if {e.id for e in train} <= finished_ids(path, report=self.log):
+        complete = {e.id for e in train} <= finished_ids(path, report=self.log)
+        # across ranks (or resuming what ranks left): every rank writes its chunks to its own
+        # part, rank 0 merges them into trees.jsonl (docs/distributed.md)
+        parts = ranks.world() > 1 or bool(rank_parts(path))
+        ranks.barrier()  # every rank has decided before rank 0 writes anything
+        if complete:
+            if parts and ranks.is_main():  # a merge cut short after trees.jsonl was written
+                merge_rank_parts(path, [e.id for e in train], self.log)
             self.log(f"expand: {path} complete, skipped")
+            ranks.barrier()
             return path
         # round 1 shares one engine across roles (shared-prefix rollout); later rounds have a
         # trained adapter per role, so each role decodes through its own weights
         engines = self.engine() if self.round == 1 else self.role_engines()
         t0 = time.perf_counter()
-        totals = run_expand(train, engines, path, c["n"], level_sampling(c), c["prompts"],
-                            self.seed, c["chunk_questions"], self.metrics, self.log)
+        if not parts:
+            totals = run_expand(train, engines, path, c["n"], level_sampling(c), c["prompts"],
+                                self.seed, c["chunk_questions"], self.metrics, self.log)
+        else:
+            done = parts_finished_ids(path, self.log)
+            ranks.barrier()  # every rank has read what is done before any rank writes
+            totals = run_expand(train, engines, rank_part(path, ranks.rank()), c["n"],
+                                level_sampling(c), c["prompts"], self.seed, c["chunk_questions"],
+                                self.metrics, self.log, shard=(ranks.rank(), ranks.world()),
+                                done=done)
+            per_rank = ranks.gather(totals)
+            if ranks.is_main():
+                merge_rank_parts(path, [e.id for e in train], self.log)
+                # tokens summed over the ranks, wall time the slowest rank's
+                totals = {k: sum(t[k] for t in per_rank)
+                          for k in ("questions", "generated_tokens", "prefill_tokens")}
+                totals["wall_s"] = max(t["wall_s"] for t in per_rank)
+                totals["tokens_per_s"] = totals["generated_tokens"] / max(totals["wall_s"], 1e-9)
+                totals.update(world_size=ranks.world(), per_rank=per_rank)
         self.record("expand", time.perf_counter() - t0, adapters=str(self.previous_checkpoints()),
                     **totals)
+        ranks.barrier()  # trees.jsonl is merged before any rank goes on
         return path
 
     def credit(self, trees: Path) -> Path:
@@ -358,16 +396,20 @@ class Run:
 
         out = self.dir / "data"
         self.guard("credit")
-        if (out / "summary.json").is_file():
+        done = (out / "summary.json").is_file()
+        ranks.barrier()  # every rank has decided before rank 0 writes
+        if done:
             self.log(f"credit: {out}/summary.json exists, skipped")
             return out
-        t0 = time.perf_counter()
-        k = self.cfg["credit"]
-        summary = run_credit(trees, out, theta=self.theta, pairs=k["pairs"],
-                             max_pairs=k["max_pairs"], seed=self.seed,
-                             prompts_path=self.cfg["prompts"], cut_replies=k["cut_replies"],
-                             log=self.log)
-        self.record("credit", time.perf_counter() - t0, summary=summary)
+        if ranks.is_main():  # across ranks, rank 0 alone (it is quick)
+            t0 = time.perf_counter()
+            k = self.cfg["credit"]
+            summary = run_credit(trees, out, theta=self.theta, pairs=k["pairs"],
+                                 max_pairs=k["max_pairs"], seed=self.seed,
+                                 prompts_path=self.cfg["prompts"], cut_replies=k["cut_replies"],
+                                 log=self.log)
+            self.record("credit", time.perf_counter() - t0, summary=summary)
+        ranks.barrier()
         return out
 
     def train(self, data: Path) -> list[str]:
@@ -377,22 +419,25 @@ class Run:
         Returns those roles."""
         self.guard("train")
         for t in self.training_seeds():
-            if self.trained(t=t):
+            done = self.trained(t=t)
+            ranks.barrier()  # every rank has decided before any rank trains
+            if done:
                 self.log(f"train: {self.checkpoints(t)} complete, skipped")
             else:
                 from malt_fast.train.trainer import Trainer
 
                 cfg = self.train_cfg(t)
                 t0 = time.perf_counter()
-                if self.cfg["deepspeed"] is None:
+                if self.cfg["deepspeed"] is not None:
+                    self.train_deepspeed(data, cfg, self.train_dir(t))
+                elif ranks.is_main():  # across ranks without DeepSpeed: rank 0 trains alone
                     self.models.roles = {}  # full: the trainer loads each role's start itself
                     Trainer(self.model, self.tok, data, self.train_dir(t), cfg, log=self.log,
                             init_from=self.previous_checkpoints()).run()
-                else:
-                    self.train_deepspeed(data, cfg, self.train_dir(t))
                 self.record("train", time.perf_counter() - t0, training_seed=cfg.seed)
-            if self.star:
+            if self.star and ranks.is_main():
                 self.train_star(data, t)
+            ranks.barrier()  # the roles are exported before any rank loads them
         return self.use_roles(self.checkpoints(t))
 
     def training_seeds(self) -> list:
@@ -436,8 +481,13 @@ class Run:
             job["init"] = str(self.previous_checkpoints())
         out.mkdir(parents=True, exist_ok=True)
         path = out / "deepspeed-job.yaml"
-        atomic_write_text(path, json.dumps(job, indent=1) + "\n")  # JSON is YAML
+        if ranks.is_main():
+            atomic_write_text(path, json.dumps(job, indent=1) + "\n")  # JSON is YAML
+        ranks.barrier()
         self.models.release()
+        if ranks.world() > 1:  # already under torchrun: these ranks train, nothing is launched
+            self.train_here(path, spec)
+            return
         env = dict(os.environ)
         if self.cfg["threads"]:
             env["OMP_NUM_THREADS"] = str(self.cfg["threads"])
@@ -449,6 +499,19 @@ class Run:
         if rc != 0:
             raise MaltError(f"{path}: the DeepSpeed train stage failed (torchrun exit status "
                             f"{rc}, its error is above); rerunning resumes it")
+
+    def train_here(self, job: Path, spec) -> None:
+        """The train stage of a run already under torchrun (`torchrun ... malt_fast.cli run`):
+        every rank runs `malt-fast train` on the job in this process, in the ranks' group
+        (deepspeed.nproc is not used: the ranks are the launcher's)."""
+        from malt_fast.config import read_yaml
+        from malt_fast.train.distributed import train_from_config
+
+        if spec.nproc != ranks.world():
+            self.log(f"train: {ranks.world()} ranks (the launcher's), not deepspeed.nproc "
+                     f"{spec.nproc}")
+        self.log(f"train: {ranks.world()} ranks in this run's group, malt-fast train {job}")
+        train_from_config(read_yaml(job), str(job))
 
     @property
     def star(self) -> bool:
@@ -516,7 +579,9 @@ class Run:
 
         out = self.dir / "eval"
         self.guard("evaluate")
-        if (out / "results.json").is_file():
+        done = (out / "results.json").is_file()
+        ranks.barrier()  # every rank has decided before rank 0 writes
+        if done:
             self.log(f"evaluate: {out}/results.json exists, skipped")
             return json.loads((out / "results.json").read_text())
         c, e = self.cfg, self.cfg["evaluate"]
@@ -527,7 +592,12 @@ class Run:
         kw = dict(questions=e["questions"], chains=e["chains"], sampling=level_sampling(c),
                   prompts_path=c["prompts"])
 
-        def part(path: Path, compute) -> dict:
+        index = iter(range(1 << 30))
+
+        def part(path: Path, compute) -> dict | Path:
+            """Part i is rank i % N's (all of them in one process); another rank's: its path."""
+            if not ranks.mine(next(index)):
+                return path
             if path.is_file():
                 done = json.loads(path.read_text())
                 if "per_question" in done:  # (parts of older versions lack it: redone)
@@ -559,13 +629,24 @@ class Run:
                 name = "trained" if t is None else f"trained-{t}"
                 parts.append(part(out / "seeds" / f"{name}-seed-{seed}.json", trained_part))
             engine.clear()
+        if ranks.world() > 1:  # every part is on disk: each rank reads the others' parts
+            mine = [p for p in parts if not isinstance(p, Path)]
+            ranks.barrier()
+            parts = [json.loads(p.read_text()) if isinstance(p, Path) else p for p in parts]
         results = combine_seeds(parts, e, base)
         results["training_seeds"] = [x for x in self.training_seeds() if x is not None]
-        write_report(results, out)
-        self.record_rollouts(parts, time.perf_counter() - t0)
+        if ranks.is_main():
+            write_report(results, out)
+        extra = {}
+        if ranks.world() > 1:
+            extra = dict(world_size=ranks.world(), per_rank=ranks.gather(
+                {"parts": len(mine), "wall_s": time.perf_counter() - t0}))
+        self.record_rollouts(parts, time.perf_counter() - t0, **extra)
+        if ranks.world() > 1:
+            ranks.barrier()  # results.json is written before any rank goes on
         return results
 
-    def record_rollouts(self, parts: list[dict], seconds: float) -> None:
+    def record_rollouts(self, parts: list[dict], seconds: float, **extra) -> None:
         """One evaluate record per pipeline run (MA: SA too; STaR; MALT) with its engine counts
         summed over the parts: prefill_tokens computed, context_tokens without reuse."""
         from malt_fast.eval.evaluate import ROLLOUT_METHODS, add_rollout
@@ -575,11 +656,11 @@ class Run:
             for name, stats in p.get("rollout", {}).items():
                 add_rollout(rollout, name, stats)
         if not rollout:  # every part was computed by an older version
-            self.record("evaluate", seconds)
+            self.record("evaluate", seconds, **extra)
         for name, stats in rollout.items():
             self.record("evaluate", stats["wall_s"], method=name,
                         methods=list(ROLLOUT_METHODS[name]), evaluate_wall_s=seconds,
-                        **{k: v for k, v in stats.items() if k != "wall_s"})
+                        **{k: v for k, v in stats.items() if k != "wall_s"}, **extra)
 
 
 def _flatten(node, prefix: str) -> dict:
@@ -806,7 +887,8 @@ def run_pipeline(cfg: dict, log=print) -> dict:
     where = [f"\nrun directory: {first.root}"]
     if cfg["rounds"] > 1:
         summary = rounds_summary(rounds)
-        files = write_rounds(first.root, summary)
+        files = write_rounds(first.root, summary) if ranks.is_main() else {
+            "report": first.root / "rounds.md", "plot": first.root / "plots" / "rounds.png"}
         log("\naccuracy per round (round 0 = untrained pipeline):")
         log(format_rounds(summary))
         where += [f"  rounds: {files['report']}", f"  rounds plot: {files['plot']}"]

@@ -73,12 +73,17 @@ def tree_record(example: Example, raw: dict) -> dict:
 
 def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=None,
                prompts_path=None, seed: int = 0, chunk: int = 8, metrics_path=None,
-               log=print) -> dict:
-    """Expand `examples` into `out_path` (trees.jsonl), skipping ids already written there."""
+               log=print, shard: tuple[int, int] = (0, 1), done: set | None = None) -> dict:
+    """Expand `examples` into `out_path` (trees.jsonl), skipping ids already written there (and
+    those in `done`). With `shard` = (rank, ranks) only chunk k = c // chunk with k % ranks ==
+    rank is expanded: each chunk exactly as one process expands it (same questions, seed and
+    batch), and its metrics record names the rank."""
     out_path = Path(out_path)
-    done = finished_ids(out_path, report=log)
+    done = finished_ids(out_path, report=log) | (done or set())
     sampling = sampling or {r: LevelSampling() for r in ROLES}
-    todo_chunks = [(c, examples[c:c + chunk]) for c in range(0, len(examples), chunk)]
+    rank, ranks = shard
+    todo_chunks = [(c, examples[c:c + chunk]) for c in range(0, len(examples), chunk)
+                   if (c // chunk) % ranks == rank]
     todo_chunks = [(c, exs) for c, exs in todo_chunks if any(e.id not in done for e in exs)]
     totals = {"questions": 0, "generated_tokens": 0, "prefill_tokens": 0, "context_tokens": 0,
               "wall_s": 0.0}
@@ -104,7 +109,52 @@ def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=N
             if metrics_path is not None:
                 rec = {"stage": "expand", "chunk": c, "questions": len(exs), "wall_s": wall,
                        **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
+                if ranks > 1:
+                    rec.update(rank=rank, world_size=ranks)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     totals["tokens_per_s"] = totals["generated_tokens"] / max(totals["wall_s"], 1e-9)
     return totals
+
+
+# ------------------------------------------------------------------ across ranks
+
+
+def rank_parts(out_path) -> list[Path]:
+    """The per-rank files next to trees.jsonl (trees.rank-R.jsonl) that an expansion across
+    ranks writes before rank 0 merges them, whatever the number of ranks that wrote them."""
+    out_path = Path(out_path)
+    return sorted(out_path.parent.glob(f"{out_path.stem}.rank-*{out_path.suffix}"))
+
+
+def rank_part(out_path, rank: int) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.rank-{rank}{out_path.suffix}")
+
+
+def parts_finished_ids(out_path, log=print) -> set[str]:
+    """Ids finished in trees.jsonl or in any rank's part: what no rank expands again."""
+    done = finished_ids(out_path, report=log)
+    for part in rank_parts(out_path):
+        done |= finished_ids(part, report=log)
+    return done
+
+
+def merge_rank_parts(out_path, order: list[str], log=print) -> int:
+    """trees.jsonl and every rank's part -> trees.jsonl (written atomically), one tree per id,
+    in the configured question order (`order`; ids not in it after those, as found): the file
+    one process writes. The parts are deleted after. Returns the number of trees."""
+    from malt_fast.malt.trees import read_trees, write_trees
+
+    out_path = Path(out_path)
+    parts = rank_parts(out_path)
+    trees: dict[str, dict] = {}
+    for f in [out_path] + parts:
+        if f.is_file():
+            for t in read_trees(f, report=log):
+                trees.setdefault(t["id"], t)
+    pos = {i: k for k, i in enumerate(order)}
+    write_trees(out_path, sorted(trees.values(), key=lambda t: pos.get(t["id"], len(pos))))
+    for f in parts:
+        f.unlink()
+    return len(trees)
