@@ -6,8 +6,8 @@ loop admits requests while decode slots and cache blocks allow, prefills what th
 (once per request, then forks the n branches), and decodes every live branch one token per step.
 A branch that ends frees its slot at once and the next waiting request takes it.
 
-With prefix reuse (the default) the cache keeps every prefilled context and finished reply in
-its prefix index, keyed by the request's `adapter` (its weights) and its tokens, and a request
+With prefix reuse (the default) the cache keeps, for the length of a `run`, every prefilled
+context and finished reply in its prefix index, keyed by the request's `adapter` (its weights) and its tokens, and a request
 starts from the longest cached prefix computed with the same weights: only the rest is
 prefilled. A request sharing a longer prefix with one prefilled in the same call waits for the
 next call, so it finds that prefix cached. An engine on a `MultiAdapterView` decodes rows of
@@ -170,6 +170,9 @@ class Engine:
         if self.tokenizer is None and any(r.stop or r.stop_line for r in requests):
             raise MaltError("stop strings and stop lines need the engine to have a tokenizer")
         self._check_adapters(requests)
+        # a run's outputs depend on its own requests only, not on what earlier runs cached
+        # (a resumed or sharded expansion then equals an uninterrupted one bit for bit)
+        self.cache.clear_index()
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
         t0 = time.perf_counter()

@@ -56,12 +56,27 @@ def test_requests_reuse_cached_prefixes_at_every_depth(model):
     assert st["context_tokens"] == 50 + 41 + 23
 
     # a finished reply is cached with its context (but its last token, never fed back): a
-    # request extending a's reply computes 1 + 2 tokens; a itself computes only its last one
+    # request extending a's reply, submitted when a ends, computes 1 + 2 tokens; a again, only
+    # its last token
+    got = {}
+
+    def done(req, comps):
+        got[req.tag] = comps[0].tokens
+        if req.tag == "a":
+            eng.submit(Request(a + comps[0].tokens + [5, 6], 1, 5, seed=1, path=(3,),
+                               on_done=done, tag="d"))
+            eng.submit(Request(a, 1, 5, seed=1, path=(0,), on_done=done, tag="a again"))
+
+    st = eng.run([Request(a, 1, 5, seed=1, path=(0,), on_done=done, tag="a")])
+    assert got["a"] == got["a again"] == out[0][0]
     d = a + out[0][0] + [5, 6]
-    out2, st = serve(eng, [d, a])
-    assert out2 == serve(ref, [d, a])[0] and out2[1] == out[0]
-    assert st["prefill_tokens"] == 3 + 1 and st["context_tokens"] == len(d) + 50
+    assert got["d"] == serve(ref, [d, d, d, d])[0][3][0]  # path (3,), as d's
+    assert st["prefill_tokens"] == 50 + 3 + 1 and st["context_tokens"] == 50 + len(d) + 50
     assert eng.cache.held_blocks == 0
+
+    # a new run starts from an empty index: its outputs depend on its own requests only
+    st = serve(eng, [a])[1]
+    assert st["prefill_tokens"] == 50
 
 
 def test_n_branches_and_partial_blocks_equal_no_reuse(model):
