@@ -175,5 +175,15 @@ def test_whole_run_on_two_ranks(setup, tmp_path, torch_threads):  # noqa: F811
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), role
     got, want = (json.loads((d / "eval" / "results.json").read_text()) for d in (run, ref))
     assert "MALT" in got["methods"] and got == want
-    stages = Counter(json.loads(x)["stage"] for x in open(run / "metrics.jsonl"))
-    assert stages["credit"] == stages["train"] == stages["evaluate"] == 1  # rank 0's records
+    records = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    stages = Counter(r["stage"] for r in records)
+    assert stages["credit"] == stages["train"] == 1  # rank 0's records
+    # one evaluate record per pipeline (SA/MA's chains, MALT's), with both ranks' counts
+    evals = {r["method"]: r for r in records if r["stage"] == "evaluate"}
+    assert sorted(evals) == ["MA", "MALT"] and stages["evaluate"] == 2
+    ref_evals = {r["method"]: r for r in map(json.loads, open(ref / "metrics.jsonl"))
+                 if r["stage"] == "evaluate"}
+    for m, r in evals.items():
+        assert r["world_size"] == 2 and 0 < r["prefill_tokens"] < r["context_tokens"]
+        assert (r["context_tokens"], r["prefill_tokens"]) == (ref_evals[m]["context_tokens"],
+                                                              ref_evals[m]["prefill_tokens"])

@@ -1,0 +1,144 @@
+"""MALT evaluation with three trained LoRA roles, four ways, in one process, on the same model,
+adapters, questions and seeds:
+
+(a) per-role engines, merged weights, no prefix reuse: what the evaluation ran before the prefix
+    index (a chain is one request per level with n = 1, so each request prefilled its whole
+    context: system prompt, question and the earlier turns);
+(b) per-role engines, merged weights, prefix index: within a role, chains of one question share
+    the question, and levels run one after another per engine;
+(c) one multi-adapter engine (the base once, the three adapters applied per row group), prefix
+    index: rows of every role decode in the same steps, levels interleaved;
+(d) as (c) without the prefix index (what the index alone buys on that engine).
+
+    python benchmarks/trained_eval.py --run runs/default [--questions 30] [--dtype auto] [--json F]
+
+--run is a finished run directory (its config.yaml and train/checkpoints/{role}/ adapters); the
+test questions are its evaluation's: the first --questions of the test split, each answered by
+`chains` independent G->V->R chains (the run's sampling). Tokens/s = generated tokens / wall time
+of the expansion; prefill = tokens computed; context = what an engine without reuse prefills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def setup(run_dir: Path, dtype: str):
+    import yaml
+
+    from malt_fast.pipeline import Run, resolve
+
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml") \
+        .is_file() else None
+    if raw is None:
+        raise SystemExit(f"{run_dir}/config.yaml: missing (not a finished run directory)")
+    raw["run_dir"] = str(run_dir)
+    raw["dtype"] = dtype
+    cfg = resolve(raw, source=str(run_dir / "config.yaml"))
+    run = Run(cfg, log=lambda *a: None)
+    ckpt = run.checkpoints(run.training_seeds()[-1])
+    loaded = run.use_roles(ckpt)
+    if sorted(loaded) != sorted(("generator", "verifier", "refiner")) and \
+            not {"generator", "verifier", "refiner"} <= set(loaded):
+        raise SystemExit(f"{ckpt}: needs the three roles' adapters, found {loaded}")
+    return run
+
+
+def chain_questions(run, k: int):
+    from malt_fast.eval.evaluate import _chain_questions
+    from malt_fast.malt.expand import role_layout
+
+    test = run.examples("test")[:k]
+    chains = run.cfg["evaluate"]["chains"]
+    questions, prompts = _chain_questions(test, chains, run.cfg["prompts"])
+    return questions, role_layout(prompts)
+
+
+def engines_for(run, way: str, max_batch: int, cache_tokens: int):
+    from malt_fast.model.lora import MultiAdapterView, merged_model
+    from malt_fast.rollout import Engine
+
+    roles = ("generator", "verifier", "refiner")
+    kw = dict(max_batch=max_batch, cache_tokens=cache_tokens, progress=False)
+    if way in ("a", "b"):
+        return {r: Engine(merged_model(run.model, r), run.tok, prefix_reuse=way == "b", **kw)
+                for r in roles}
+    view = MultiAdapterView(run.model, [None, *roles], max_rows=max(1024, max_batch))
+    eng = Engine(view, run.tok, prefix_reuse=way == "c", **kw)
+    return {r: (eng, r) for r in roles}
+
+
+def run_way(run, way, questions, layout, args) -> tuple[dict, list]:
+    from malt_fast.malt.expand import level_sampling
+    from malt_fast.rollout import expand_tree
+
+    engines = engines_for(run, way, args.max_batch, args.cache_tokens)
+    t0 = time.perf_counter()
+    trees, st = expand_tree(engines, questions, layout, 1, level_sampling(run.cfg), seed=args.seed)
+    wall = time.perf_counter() - t0
+    finals = [t["generations"][0]["verifications"][0]["refinements"][0]["text"] for t in trees]
+    return dict(wall_s=wall, generated_tokens=st["generated_tokens"],
+                tokens_per_s=st["generated_tokens"] / wall, prefill_tokens=st["prefill_tokens"],
+                context_tokens=st["context_tokens"], decode_steps=st["decode_steps"],
+                prefill_calls=st["prefill_calls"]), finals
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--questions", type=int, default=30)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    p.add_argument("--ways", default="abcd")
+    p.add_argument("--max-batch", type=int, default=96)
+    p.add_argument("--cache-tokens", type=int, default=32768)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = setup(args.run, args.dtype)
+    questions, layout = chain_questions(run, args.questions)
+    dtype = next(run.model.parameters()).dtype
+    print(f"{len(questions)} chains ({args.questions} questions), {dtype}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    # warm-up: first matmuls of each shape build oneDNN kernels
+    run_way(run, "c", questions[:2], layout, args)
+    rows, finals = {}, {}
+    for way in args.ways:
+        rows[way], finals[way] = run_way(run, way, questions, layout, args)
+        print(way, json.dumps(rows[way]), file=sys.stderr)
+    base = rows.get("a")
+    print(f"\n| way | wall s | tokens/s | × (a) | prefill tokens | context tokens | prefill / "
+          f"context | decode steps | final answers = (a)'s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    names = {"a": "(a) per-role merged, no reuse", "b": "(b) per-role merged, prefix index",
+             "c": "(c) one multi-adapter engine, prefix index",
+             "d": "(d) one multi-adapter engine, no reuse"}
+    for way, r in rows.items():
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        same = (f"{sum(x == y for x, y in zip(finals[way], finals['a']))}/{len(questions)}"
+                if base else "-")
+        print(f"| {names[way]} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {speed} | "
+              f"{r['prefill_tokens']} | {r['context_tokens']} | "
+              f"{r['prefill_tokens'] / r['context_tokens']:.1%} | {r['decode_steps']} | {same} |")
+    if args.json:
+        info = dict(command=" ".join(sys.argv), cpu=platform.processor() or platform.machine(),
+                    torch=torch.__version__, dtype=str(dtype), threads=torch.get_num_threads(),
+                    chains=len(questions), questions=args.questions, ways=rows,
+                    same_final_as_a={w: sum(x == y for x, y in zip(finals[w], finals["a"]))
+                                     for w in rows} if base else None)
+        args.json.write_text(json.dumps(info, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
