@@ -10,10 +10,10 @@ adapters, questions and seeds:
     index: rows of every role decode in the same steps, levels interleaved;
 (d) as (c) without the prefix index (what the index alone buys on that engine).
 
-    python benchmarks/trained_eval.py --run runs/default [--questions 30] [--dtype auto] [--json F]
+    python benchmarks/trained_eval.py configs/default.yaml [--questions 30] [--dtype auto] [--json F]
 
---run is a finished run directory (its config.yaml and train/checkpoints/{role}/ adapters); the
-test questions are its evaluation's: the first --questions of the test split, each answered by
+The config's run directory must hold a finished training stage (train/checkpoints/{role}/
+adapters: run `malt-fast run CONFIG` first); the test questions are its evaluation's: the first --questions of the test split, each answered by
 `chains` independent G->V->R chains (the run's sampling). Tokens/s = generated tokens / wall time
 of the expansion; prefill = tokens computed; context = what an engine without reuse prefills.
 """
@@ -31,24 +31,17 @@ from pathlib import Path
 import torch
 
 
-def setup(run_dir: Path, dtype: str):
-    import yaml
-
+def setup(config: Path, dtype: str):
+    from malt_fast.config import read_yaml
     from malt_fast.pipeline import Run, resolve
 
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml") \
-        .is_file() else None
-    if raw is None:
-        raise SystemExit(f"{run_dir}/config.yaml: missing (not a finished run directory)")
-    raw["run_dir"] = str(run_dir)
-    raw["dtype"] = dtype
-    cfg = resolve(raw, source=str(run_dir / "config.yaml"))
+    cfg = resolve(read_yaml(config, [f"dtype={dtype}"]), source=str(config))
     run = Run(cfg, log=lambda *a: None)
     ckpt = run.checkpoints(run.training_seeds()[-1])
-    loaded = run.use_roles(ckpt)
-    if sorted(loaded) != sorted(("generator", "verifier", "refiner")) and \
-            not {"generator", "verifier", "refiner"} <= set(loaded):
-        raise SystemExit(f"{ckpt}: needs the three roles' adapters, found {loaded}")
+    loaded = run.use_roles(ckpt) if ckpt.is_dir() else []
+    if not {"generator", "verifier", "refiner"} <= set(loaded):
+        raise SystemExit(f"{ckpt}: needs the three roles' adapters, found {loaded} (run "
+                         f"`malt-fast run {config}` first)")
     return run
 
 
@@ -93,7 +86,7 @@ def run_way(run, way, questions, layout, args) -> tuple[dict, list]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("config", type=Path)
     p.add_argument("--questions", type=int, default=30)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p.add_argument("--ways", default="abcd")
@@ -105,7 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = setup(args.run, args.dtype)
+    run = setup(args.config, args.dtype)
     questions, layout = chain_questions(run, args.questions)
     dtype = next(run.model.parameters()).dtype
     print(f"{len(questions)} chains ({args.questions} questions), {dtype}, "

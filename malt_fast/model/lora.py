@@ -268,9 +268,10 @@ class MultiAdapterView(nn.Module):
     Every adapted projection computes its base output with one matmul over the whole batch and
     adds each row's low-rank update grouped by adapter: on CUDA two Triton kernels
     (kernels/lora_grouped.py) that read the adapter of each row from a fixed device buffer, so a
-    captured CUDA graph replays with the routing of the latest `route`; on CPU one pair of small
-    matmuls per adapter present, over that adapter's rows. Rows routed to None, and rows past the
-    routed ones (a fixed-shape step's padding), get the bare base.
+    captured CUDA graph replays with the routing of the latest `route`; on CPU every adapter's A
+    side by side in one matmul, a mask keeping each row's own adapter's columns, and one matmul
+    with the B's. Rows routed to None, and rows past the routed ones (a fixed-shape step's
+    padding), get the bare base.
 
     The adapters are copied (stacked, scaling folded in) when the view is built, as
     `merged_model` does: build a new view after training them further. Inference only (no
@@ -297,25 +298,34 @@ class MultiAdapterView(nn.Module):
         self._slot = [adapters.index(n) if n is not None else -1 for n in names]
         # per batch row: the adapter's slot in the stacks, -1 for none; written in place only
         self.ids = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
-        self._groups: list[tuple[int, torch.Tensor]] = []  # torch backend: (slot, rows)
+        self._masks: dict[tuple, torch.Tensor] = {}  # torch backend: ranks -> row masks
         self._n_routed = 0
         self._stacks = {m: self._stack(m, adapters) for m in lora_modules(model).values()
                         if any(n in m.lora_A for n in adapters)}
+        self._dtype = next((st[0].dtype for st in self._stacks.values()), torch.float32)
 
     @torch.no_grad()
     def _stack(self, m: LoRALinear, adapters: list[str]):
-        """(A [n, R, in], B [n, out, R] * scaling, ranks [n]) of one projection, zero-padded;
-        an adapter that does not adapt this projection has rank 0 (all zeros)."""
-        ranks = [m.lora_A[n].shape[0] if n in m.lora_A else 0 for n in adapters]
+        """One projection's adapters, scaling folded into B. Triton: (A [n, R, in], B [n, out,
+        R]) zero-padded to a rank tile; torch: (A [sum r, in], B [out, sum r], ranks), the
+        adapters' ranks side by side. An adapter that does not adapt m has rank 0 there."""
+        ranks = tuple(m.lora_A[n].shape[0] if n in m.lora_A else 0 for n in adapters)
         dtype = next(m.lora_A[n].dtype for n in adapters if n in m.lora_A)
-        r_max = max(ranks)
-        if self.backend == "triton":
-            from malt_fast.kernels.lora_grouped import rank_tile
-
-            r_max = rank_tile(r_max)
         out_f, in_f = m.base.weight.shape
-        a = torch.zeros(len(adapters), r_max, in_f, dtype=dtype, device=m.base.weight.device)
-        b = torch.zeros(len(adapters), out_f, r_max, dtype=dtype, device=a.device)
+        dev = m.base.weight.device
+        if self.backend == "torch":
+            # in the base's dtype: a bf16 model's update then costs bf16 matmuls (the adapters
+            # train in fp32; rounding them to bf16 errs no more than merging them into bf16
+            # weights does); the activations are not converted either
+            dtype = m.base.weight.dtype
+            a = torch.cat([m.lora_A[n] for n in adapters if n in m.lora_A]).to(dtype)
+            b = torch.cat([m.lora_B[n] * m.scaling[n] for n in adapters if n in m.lora_A], 1)
+            return a, b.to(dtype), ranks
+        from malt_fast.kernels.lora_grouped import rank_tile
+
+        r_max = rank_tile(max(ranks))
+        a = torch.zeros(len(adapters), r_max, in_f, dtype=dtype, device=dev)
+        b = torch.zeros(len(adapters), out_f, r_max, dtype=dtype, device=dev)
         for j, n in enumerate(adapters):
             if ranks[j]:
                 a[j, : ranks[j]] = m.lora_A[n]
@@ -343,13 +353,16 @@ class MultiAdapterView(nn.Module):
         self.ids.copy_(host)  # in place: a captured graph reads this very buffer
         self._n_routed = len(slots)
         if self.backend == "torch":
-            # the row lists once per routing, not once per projection
-            rows: dict[int, list[int]] = {}
-            for i, j in enumerate(slots):
-                if j >= 0:
-                    rows.setdefault(j, []).append(i)
-            self._groups = [(j, torch.tensor(r, device=self.ids.device))
-                            for j, r in sorted(rows.items())]
+            # per row, ones on its adapter's columns of the side-by-side ranks (built once per
+            # routing, not once per projection; one mask per rank layout, usually one)
+            self._masks = {}
+            for ranks in {st[2] for st in self._stacks.values()}:
+                starts = [sum(ranks[:j]) for j in range(len(ranks))]
+                mask = torch.zeros(self.max_rows, 1, sum(ranks), dtype=self._dtype)
+                for i, j in enumerate(slots):
+                    if j >= 0:
+                        mask[i, 0, starts[j]: starts[j] + ranks[j]] = 1
+                self._masks[ranks] = mask.to(self.ids.device)
 
     def add_routed(self, m: LoRALinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (= m.base(x)) plus each routed row's update of projection m, in place."""
@@ -364,12 +377,11 @@ class MultiAdapterView(nn.Module):
             from malt_fast.kernels.lora_grouped import add_grouped_lora_
 
             return add_grouped_lora_(out, x, self.ids, a, b)
-        for j, rows in self._groups:
-            r = ranks[j]
-            if r:  # as LoRALinear.forward: computed in the adapter dtype, added in out's
-                delta = (x[rows].to(a.dtype) @ a[j, :r].T) @ b[j, :, :r].T
-                out.index_add_(0, rows, delta.to(out.dtype))
-        return out
+        # every adapter's A at once, each row keeping its own adapter's columns: three ops per
+        # projection however many adapters the batch mixes (a product per adapter group costs
+        # ~4 small ops each, which at decode sizes is launch time, not arithmetic)
+        u = (x.to(a.dtype) @ a.T).mul_(self._masks[ranks][: x.shape[0]])
+        return out.add_((u @ b.T).to(out.dtype))
 
     @property
     def lm_head(self):
