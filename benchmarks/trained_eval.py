@@ -1,21 +1,23 @@
 """MALT evaluation with three trained LoRA roles, four ways, in one process, on the same model,
 adapters, questions and seeds:
 
-(a) per-role engines, merged weights, no prefix reuse: what the evaluation ran before the prefix
-    index (a chain is one request per level with n = 1, so each request prefilled its whole
-    context: system prompt, question and the earlier turns);
-(b) per-role engines, merged weights, prefix index: within a role, chains of one question share
-    the question, and levels run one after another per engine;
-(c) one multi-adapter engine (the base once, the three adapters applied per row group), prefix
-    index: rows of every role decode in the same steps, levels interleaved;
+(a) as the evaluation ran before: per-role engines with merged weights, no prefix index, one
+    run per evaluation seed (a chain is one request per level with n = 1, so each request
+    prefilled its whole context: system prompt, question and the earlier turns);
+(b) per-role engines, merged weights, prefix index, every seed's chains in one run per engine
+    (within a role, chains of one question share the question; levels one after another);
+(c) one multi-adapter engine (the base once, the three adapters applied per row), prefix index,
+    every seed's chains in one run: rows of every role decode in the same steps, levels
+    interleaved (what the pipeline runs now, engine.multi_adapter: true);
 (d) as (c) without the prefix index (what the index alone buys on that engine).
 
-    python benchmarks/trained_eval.py configs/default.yaml [--questions 30] [--dtype auto] [--json F]
+    python benchmarks/trained_eval.py configs/default.yaml [--dtype auto] [--json F]
 
 The config's run directory must hold a finished training stage (train/checkpoints/{role}/
-adapters: run `malt-fast run CONFIG` first); the test questions are its evaluation's: the first --questions of the test split, each answered by
-`chains` independent G->V->R chains (the run's sampling). Tokens/s = generated tokens / wall time
-of the expansion; prefill = tokens computed; context = what an engine without reuse prefills.
+adapters: run `malt-fast run CONFIG` first). The questions and chains are the run's evaluation's
+(evaluate.seeds, .questions, .chains; --questions overrides), with its sampling. Tokens/s =
+generated tokens / wall time; prefill = tokens computed; context = what an engine without reuse
+prefills.
 """
 
 from __future__ import annotations
@@ -45,14 +47,22 @@ def setup(config: Path, dtype: str):
     return run
 
 
-def chain_questions(run, k: int):
+def chain_questions(run, k: int | None):
+    """Per evaluation seed: (chain questions, their (seed, index) keys), as evaluate() draws
+    them; and the role layout."""
+    import random
+
     from malt_fast.eval.evaluate import _chain_questions
     from malt_fast.malt.expand import role_layout
 
-    test = run.examples("test")[:k]
-    chains = run.cfg["evaluate"]["chains"]
-    questions, prompts = _chain_questions(test, chains, run.cfg["prompts"])
-    return questions, role_layout(prompts)
+    e, test = run.cfg["evaluate"], run.examples("test")
+    k = k or e["questions"]
+    per_seed = {}
+    for seed in e["seeds"]:
+        subset = {seed: random.Random(seed).sample(test, min(k, len(test)))}
+        questions, keys, prompts = _chain_questions(subset, e["chains"], run.cfg["prompts"])
+        per_seed[seed] = (questions, keys)
+    return per_seed, role_layout(prompts)
 
 
 def engines_for(run, way: str, max_batch: int, cache_tokens: int):
@@ -69,42 +79,51 @@ def engines_for(run, way: str, max_batch: int, cache_tokens: int):
     return {r: (eng, r) for r in roles}
 
 
-def run_way(run, way, questions, layout, args) -> tuple[dict, list]:
+def run_way(run, way, per_seed, layout, args) -> tuple[dict, list]:
     from malt_fast.malt.expand import level_sampling
     from malt_fast.rollout import expand_tree
 
     engines = engines_for(run, way, args.max_batch, args.cache_tokens)
+    # (a): one run per seed, as before; the others: every seed's chains in one run
+    batches = list(per_seed.values()) if way == "a" else \
+        [tuple(sum((list(x[i]) for x in per_seed.values()), []) for i in range(2))]
+    totals = dict(generated_tokens=0, prefill_tokens=0, context_tokens=0, decode_steps=0,
+                  prefill_calls=0, prefill_s=0.0)
+    finals = []
     t0 = time.perf_counter()
-    trees, st = expand_tree(engines, questions, layout, 1, level_sampling(run.cfg), seed=args.seed)
+    for questions, keys in batches:
+        trees, st = expand_tree(engines, questions, layout, 1, level_sampling(run.cfg), seed=keys)
+        finals += [t["generations"][0]["verifications"][0]["refinements"][0]["text"]
+                   for t in trees]
+        for k in totals:
+            totals[k] += st[k]
     wall = time.perf_counter() - t0
-    finals = [t["generations"][0]["verifications"][0]["refinements"][0]["text"] for t in trees]
-    return dict(wall_s=wall, generated_tokens=st["generated_tokens"],
-                tokens_per_s=st["generated_tokens"] / wall, prefill_tokens=st["prefill_tokens"],
-                context_tokens=st["context_tokens"], decode_steps=st["decode_steps"],
-                prefill_calls=st["prefill_calls"]), finals
+    return dict(wall_s=wall, tokens_per_s=totals["generated_tokens"] / wall, **totals), finals
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", type=Path)
-    p.add_argument("--questions", type=int, default=30)
+    p.add_argument("--questions", type=int, default=None,
+                   help="test questions per seed (default: the config's evaluate.questions)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p.add_argument("--ways", default="abcd")
     p.add_argument("--max-batch", type=int, default=96)
     p.add_argument("--cache-tokens", type=int, default=32768)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = setup(args.config, args.dtype)
-    questions, layout = chain_questions(run, args.questions)
+    per_seed, layout = chain_questions(run, args.questions)
+    n_chains = sum(len(q) for q, _ in per_seed.values())
     dtype = next(run.model.parameters()).dtype
-    print(f"{len(questions)} chains ({args.questions} questions), {dtype}, "
+    print(f"{n_chains} chains ({len(per_seed)} seeds), {dtype}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     # warm-up: first matmuls of each shape build oneDNN kernels
-    run_way(run, "c", questions[:2], layout, args)
+    first = next(iter(per_seed))
+    run_way(run, "c", {first: tuple(x[:2] for x in per_seed[first])}, layout, args)
     rows, finals = {}, {}
     for way in args.ways:
         rows[way], finals[way] = run_way(run, way, questions, layout, args)
@@ -118,7 +137,7 @@ def main(argv=None) -> int:
              "d": "(d) one multi-adapter engine, no reuse"}
     for way, r in rows.items():
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
-        same = (f"{sum(x == y for x, y in zip(finals[way], finals['a']))}/{len(questions)}"
+        same = (f"{sum(x == y for x, y in zip(finals[way], finals['a']))}/{n_chains}"
                 if base else "-")
         print(f"| {names[way]} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {speed} | "
               f"{r['prefill_tokens']} | {r['context_tokens']} | "
@@ -126,7 +145,7 @@ def main(argv=None) -> int:
     if args.json:
         info = dict(command=" ".join(sys.argv), cpu=platform.processor() or platform.machine(),
                     torch=torch.__version__, dtype=str(dtype), threads=torch.get_num_threads(),
-                    chains=len(questions), questions=args.questions, ways=rows,
+                    chains=n_chains, seeds=list(per_seed), ways=rows,
                     same_final_as_a={w: sum(x == y for x, y in zip(finals[w], finals["a"]))
                                      for w in rows} if base else None)
         args.json.write_text(json.dumps(info, indent=2) + "\n")

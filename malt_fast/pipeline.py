@@ -569,11 +569,14 @@ class Run:
         """SA, SA+MV@3, MA, MA+MV@3 (and MALT, MALT+MV@3, STaR when `trained`) over the seeds.
 
         The untrained methods are one part per evaluation seed (eval/seeds/seed-S.json), the
-        trained ones one part per training and evaluation seed (trained-T-seed-S.json), so a
-        killed evaluation resumes at the first unfinished part. With several training seeds a
-        trained method's seed key is "T/S". With `base` (round 1's results) only the trained
+        trained ones one part per training and evaluation seed (trained-T-seed-S.json). The
+        parts of a group (the untrained methods; one training seed's) are computed together,
+        every pending seed's chains in one engine run per method, and written when the group
+        ends: a killed evaluation resumes at its first unfinished group. Across ranks the
+        groups are shared out. With several training seeds a trained method's seed key is
+        "T/S". With `base` (round 1's results) only the trained
         methods run and the untrained ones are copied from `base`."""
-        from malt_fast.eval.evaluate import evaluate, write_report
+        from malt_fast.eval.evaluate import evaluate_seeds, write_report
         from malt_fast.malt.expand import level_sampling
         from malt_fast.malt.trees import atomic_write_text
 
@@ -592,43 +595,46 @@ class Run:
         kw = dict(questions=e["questions"], chains=e["chains"], sampling=level_sampling(c),
                   prompts_path=c["prompts"])
 
-        index = iter(range(1 << 30))
+        def group(index: int, paths: dict, compute) -> list:
+            """The parts of one group (its seeds' files): computed together, every pending
+            seed's chains in one engine run per method. Group i is rank i % N's (all of them
+            in one process); another rank's group: its paths, read once every rank is done."""
+            if not ranks.mine(index):
+                return list(paths.values())
+            done = {}
+            for seed, path in paths.items():
+                if path.is_file():
+                    part = json.loads(path.read_text())
+                    if "per_question" in part:  # (parts of older versions lack it: redone)
+                        done[seed] = part
+            todo = [seed for seed in paths if seed not in done]
+            if todo:
+                for seed, part in compute(todo).items():
+                    atomic_write_text(paths[seed], json.dumps(part) + "\n")
+                    done[seed] = part
+            return [done[seed] for seed in paths]
 
-        def part(path: Path, compute) -> dict | Path:
-            """Part i is rank i % N's (all of them in one process); another rank's: its path."""
-            if not ranks.mine(next(index)):
-                return path
-            if path.is_file():
-                done = json.loads(path.read_text())
-                if "per_question" in done:  # (parts of older versions lack it: redone)
-                    return done
-            result = compute()
-            atomic_write_text(path, json.dumps(result) + "\n")
-            return result
-
-        parts, engine = [], {}  # engines are built when a part needs them
+        groups, engine = [], {}  # engines are built when a group needs them
         if base is None:
-            for seed in e["seeds"]:
-                def untrained(seed=seed):
-                    engine.setdefault("base", self.engine(None))
-                    return evaluate(test, engine["base"], seeds=(seed,), **kw)
-                parts.append(part(out / "seeds" / f"seed-{seed}.json", untrained))
-            engine.clear()
+            def untrained(seeds):
+                engine["base"] = self.engine(None)
+                return evaluate_seeds(test, engine.pop("base"), seeds=seeds, **kw)
+            groups.append(({s: out / "seeds" / f"seed-{s}.json" for s in e["seeds"]}, untrained))
         for t in self.training_seeds() if trained else []:
-            for seed in e["seeds"]:
-                def trained_part(seed=seed, t=t):
-                    if not engine:
-                        self.use_roles(self.checkpoints(t))
-                        engine["tuned"] = self.role_engines((STAR,) if self.star else ())
-                        engine["star"] = engine["tuned"].pop(STAR, None)
-                    r = evaluate(test, None, engine["tuned"], engine["star"], seeds=(seed,), **kw)
-                    if t is not None:
+            def trained_part(seeds, t=t):
+                self.use_roles(self.checkpoints(t))
+                tuned = self.role_engines((STAR,) if self.star else ())
+                star = tuned.pop(STAR, None)
+                parts = evaluate_seeds(test, None, tuned, star, seeds=seeds, **kw)
+                if t is not None:
+                    for r in parts.values():
                         r["per_question"] = {m: {f"{t}/{k}": v for k, v in q.items()}
                                              for m, q in r["per_question"].items()}
-                    return r
-                name = "trained" if t is None else f"trained-{t}"
-                parts.append(part(out / "seeds" / f"{name}-seed-{seed}.json", trained_part))
-            engine.clear()
+                return parts
+            name = "trained" if t is None else f"trained-{t}"
+            groups.append(({s: out / "seeds" / f"{name}-seed-{s}.json" for s in e["seeds"]},
+                           trained_part))
+        parts = [p for i, (paths, compute) in enumerate(groups) for p in group(i, paths, compute)]
         if ranks.world() > 1:  # every part is on disk: each rank reads the others' parts
             mine = [p for p in parts if not isinstance(p, Path)]
             ranks.barrier()

@@ -59,7 +59,7 @@ def weights_of(engine):
 def spy(monkeypatch):
     """Record the role engines of every expansion and evaluation."""
     seen = {"expand": [], "evaluate": []}
-    real_expand, real_evaluate = expand_mod.run_expand, evaluate_mod.evaluate
+    real_expand, real_evaluate = expand_mod.run_expand, evaluate_mod.evaluate_seeds
 
     def expand(examples, engine, *args, **kwargs):
         if isinstance(engine, dict):
@@ -72,7 +72,7 @@ def spy(monkeypatch):
         return real_evaluate(test, base_engines, trained_engines, *args, **kwargs)
 
     monkeypatch.setattr(expand_mod, "run_expand", expand)
-    monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+    monkeypatch.setattr(evaluate_mod, "evaluate_seeds", evaluate)
     return seen
 
 

@@ -106,7 +106,8 @@ def test_two_ranks_equal_one_process(setup, reference, tmp_path):
         ["seed-0.json", "seed-1.json", "seed-2.json"]
     [stage] = [r for r in map(json.loads, open(run / "metrics.jsonl"))
                if r["stage"] == "evaluate"]
-    assert stage["world_size"] == 2 and [r["parts"] for r in stage["per_rank"]] == [2, 1]
+    # the untrained methods are one group (every seed in one engine run per method): rank 0's
+    assert stage["world_size"] == 2 and [r["parts"] for r in stage["per_rank"]] == [3, 0]
     assert (run / "eval" / "report.md").is_file()
     assert proc.stdout.count("report:") == 1
 

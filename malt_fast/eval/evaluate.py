@@ -61,12 +61,6 @@ def correct(answer, ex: Example) -> bool:
     return answer is not None and answers_equal(answer, ex.gold, ex.dataset, ex.choices)
 
 
-def _chain_questions(examples: list[Example], chains: int, prompts_path):
-    family = "multiple_choice" if examples[0].choices else examples[0].dataset
-    prompts = load_prompts(prompts_path, family)
-    return [question_text(ex, prompts) for ex in examples for _ in range(chains)], prompts
-
-
 ROLLOUT_KEYS = ("prefill_tokens", "context_tokens", "generated_tokens", "decode_steps", "wall_s")
 # the rollout that produces each method's answers (SA is the generator level of MA's chains)
 ROLLOUT_METHODS = {"MA": ("SA", "SA+MV@3", "MA", "MA+MV@3"), "STaR": ("STaR", "STaR+MV@3"),
@@ -81,39 +75,64 @@ def add_rollout(totals: dict, name: str, stats: dict) -> None:
         t[k] += stats.get(k, 0)
 
 
-def run_chains(engines, examples: list[Example], chains: int, sampling, seed: int,
-               prompts_path=None, rollout: dict | None = None, name: str = "MA") -> list[dict]:
-    """Per example: the generator and refiner answers of each chain (the engines' counts are
-    added to rollout[name])."""
-    questions, prompts = _chain_questions(examples, chains, prompts_path)
-    trees, stats = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=seed)
+def _chain_questions(subsets: dict[int, list[Example]], chains: int, prompts_path):
+    """Every seed's chain questions in one list, with each one's (request seed, path index):
+    one engine run then samples what one run per seed would."""
+    examples = next(iter(subsets.values()))
+    family = "multiple_choice" if examples[0].choices else examples[0].dataset
+    prompts = load_prompts(prompts_path, family)
+    questions, keys = [], []
+    for seed, subset in subsets.items():
+        qs = [question_text(ex, prompts) for ex in subset for _ in range(chains)]
+        questions += qs
+        keys += [(seed, i) for i in range(len(qs))]
+    return questions, keys, prompts
+
+
+def _per_seed(items: list, subsets: dict[int, list[Example]], chains: int):
+    """Split one run's per-chain items back into (seed, example, its chains' items)."""
+    at = 0
+    for seed, subset in subsets.items():
+        for ex in subset:
+            yield seed, ex, items[at:at + chains]
+            at += chains
+
+
+def run_chains(engines, subsets: dict[int, list[Example]], chains: int, sampling,
+               prompts_path=None, rollout: dict | None = None,
+               name: str = "MA") -> dict[int, list[dict]]:
+    """Per seed, per example: the generator and refiner answers of each chain, every seed's
+    chains in one engine run (the engines' counts are added to rollout[name])."""
+    questions, keys, prompts = _chain_questions(subsets, chains, prompts_path)
+    trees, stats = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=keys)
     if rollout is not None:
         add_rollout(rollout, name, stats)
-    out = []
-    for i, ex in enumerate(examples):
+    out: dict[int, list[dict]] = {seed: [] for seed in subsets}
+    for seed, ex, ts in _per_seed(trees, subsets, chains):
         gens, finals = [], []
-        for t in trees[i * chains:(i + 1) * chains]:
+        for t in ts:
             g = t["generations"][0]
             r = g["verifications"][0]["refinements"][0]
             gens.append(extract_answer(g["text"], ex.dataset, ex.choices))
             finals.append(extract_answer(r["text"], ex.dataset, ex.choices))
-        out.append({"id": ex.id, "gold": ex.gold, "generator": gens, "final": finals})
+        out[seed].append({"id": ex.id, "gold": ex.gold, "generator": gens, "final": finals})
     return out
 
 
-def run_single(engine, examples: list[Example], chains: int, sampling, seed: int,
-               prompts_path=None, rollout: dict | None = None, name: str = "STaR") -> list[dict]:
-    """Per example: the answers of `chains` single-agent samples (the generator level alone)."""
-    questions, prompts = _chain_questions(examples, chains, prompts_path)
+def run_single(engine, subsets: dict[int, list[Example]], chains: int, sampling,
+               prompts_path=None, rollout: dict | None = None,
+               name: str = "STaR") -> dict[int, list[dict]]:
+    """Per seed, per example: the answers of `chains` single-agent samples (the generator level
+    alone), every seed's in one engine run."""
+    questions, keys, prompts = _chain_questions(subsets, chains, prompts_path)
     s = sampling["generator"] if isinstance(sampling, dict) else sampling
-    gens, stats = expand_generations(engine, questions, role_layout(prompts), 1, s, seed=seed)
+    gens, stats = expand_generations(engine, questions, role_layout(prompts), 1, s, seed=keys)
     if rollout is not None:
         add_rollout(rollout, name, stats)
-    out = []
-    for i, ex in enumerate(examples):
-        answers = [extract_answer(g[0]["text"], ex.dataset, ex.choices)
-                   for g in gens[i * chains:(i + 1) * chains]]
-        out.append({"id": ex.id, "gold": ex.gold, "generator": answers, "final": answers})
+    out: dict[int, list[dict]] = {seed: [] for seed in subsets}
+    for seed, ex, gs in _per_seed(gens, subsets, chains):
+        answers = [extract_answer(g[0]["text"], ex.dataset, ex.choices) for g in gs]
+        out[seed].append({"id": ex.id, "gold": ex.gold, "generator": answers, "final": answers})
     return out
 
 
@@ -163,42 +182,70 @@ def evaluate(test: list[Example], base_engines=None, trained_engines=None, star_
     their MV@3), `trained_engines` (MALT), `star_engine` (the STaR-trained single agent). An
     `*_engines` argument is one Engine or a dict role -> Engine or (Engine, adapter); the
     results' `rollout` holds each pipeline's engine counts (ROLLOUT_METHODS)."""
+    parts = evaluate_seeds(test, base_engines, trained_engines, star_engine, seeds, questions,
+                           chains, sampling, prompts_path)
+    return merge_seeds(list(parts.values()))
+
+
+def evaluate_seeds(test: list[Example], base_engines=None, trained_engines=None,
+                   star_engine=None, seeds=(0, 1, 2), questions: int = 30, chains: int = 3,
+                   sampling=None, prompts_path=None) -> dict[int, dict]:
+    """evaluate()'s result of each seed alone, computed with every seed's chains of a method in
+    one engine run (bigger decode batches; each chain samples with its own seed and path, as in
+    a run per seed). The run's engine counts (`rollout`) are kept with the first seed's part."""
     if not test:
         raise ValueError("evaluate: the test set is empty")
-    per_question: dict[str, dict] = {m: {} for m in METHODS}
-    transitions, rollout = {}, {}
+    subsets = {seed: random.Random(seed).sample(test, min(questions, len(test))) for seed in seeds}
+    per_question = {seed: {m: {} for m in METHODS} for seed in seeds}
+    transitions: dict[int, dict] = {seed: {} for seed in seeds}
+    rollout: dict = {}
+    runs = [("MA", base_engines, run_chains), ("STaR", star_engine, run_single),
+            ("MALT", trained_engines, run_chains)]
+    for name, engines, run in runs:
+        if engines is None:
+            continue
+        answers = run(engines, subsets, chains, sampling, prompts_path, rollout, name)
+        for seed, subset in subsets.items():
+            methods = ROLLOUT_METHODS[name]
+            key = "final" if name != "STaR" else "generator"
+            q = per_question[seed]
+            if name == "MA":  # SA: the same chains' generators
+                q["SA"][str(seed)], q["SA+MV@3"][str(seed)] = \
+                    question_records(answers[seed], subset, "generator")
+            q[methods[-2]][str(seed)], q[methods[-1]][str(seed)] = \
+                question_records(answers[seed], subset, key)
+            if name != "STaR":
+                t = score(answers[seed], subset)
+                transitions[seed][name] = {k: t[k] for k in ("wrong_to_right", "right_to_wrong",
+                                                             "chains")}
+    return {seed: summarize({"dataset": test[0].dataset, "seeds": [seed],
+                             "questions": questions, "chains": chains,
+                             "transitions": transitions[seed],
+                             "per_question": {m: v for m, v in per_question[seed].items() if v},
+                             "rollout": rollout if i == 0 else {}})
+            for i, seed in enumerate(seeds)}
 
-    def record(single, vote, answers, subset, key, seed):
-        per_question[single][str(seed)], per_question[vote][str(seed)] = \
-            question_records(answers, subset, key)
 
-    def count(name, answers, subset):
-        t = transitions.setdefault(name, {"wrong_to_right": 0, "right_to_wrong": 0, "chains": 0})
-        for k, v in score(answers, subset).items():
-            if k in t:
-                t[k] += v
-
-    for seed in seeds:
-        subset = random.Random(seed).sample(test, min(questions, len(test)))
-        if base_engines is not None:
-            base = run_chains(base_engines, subset, chains, sampling, seed, prompts_path, rollout,
-                              "MA")
-            record("SA", "SA+MV@3", base, subset, "generator", seed)
-            record("MA", "MA+MV@3", base, subset, "final", seed)
-            count("MA", base, subset)
-        if star_engine is not None:
-            star = run_single(star_engine, subset, chains, sampling, seed, prompts_path, rollout,
-                              "STaR")
-            record("STaR", "STaR+MV@3", star, subset, "generator", seed)
-        if trained_engines is not None:
-            malt = run_chains(trained_engines, subset, chains, sampling, seed, prompts_path,
-                              rollout, "MALT")
-            record("MALT", "MALT+MV@3", malt, subset, "final", seed)
-            count("MALT", malt, subset)
-    per_question = {m: q for m, q in per_question.items() if q}
-    return summarize({"dataset": test[0].dataset, "seeds": list(seeds), "questions": questions,
-                      "chains": chains, "transitions": transitions,
-                      "per_question": per_question, "rollout": rollout})
+def merge_seeds(parts: list[dict], seeds=None) -> dict:
+    """Per-seed results -> one result over all their seeds: per-question records merged,
+    transitions and engine counts summed, accuracies and comparisons recomputed."""
+    per_question: dict[str, dict] = {}
+    transitions: dict[str, dict] = {}
+    rollout: dict = {}
+    for p in parts:
+        for m, by_seed in p["per_question"].items():
+            per_question.setdefault(m, {}).update(by_seed)
+        for name, t in p["transitions"].items():
+            acc = transitions.setdefault(name, {k: 0 for k in t})
+            for k, v in t.items():
+                acc[k] += v
+        for name, stats in p.get("rollout", {}).items():
+            add_rollout(rollout, name, stats)
+    seeds = [s for p in parts for s in p["seeds"]] if seeds is None else list(seeds)
+    return summarize({"dataset": parts[0]["dataset"], "seeds": seeds,
+                      "questions": parts[0]["questions"], "chains": parts[0]["chains"],
+                      "transitions": transitions, "per_question": per_question,
+                      "rollout": rollout})
 
 
 def summarize(results: dict) -> dict:

@@ -97,11 +97,13 @@ class Transcript:
 
 def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
                 sampling: LevelSampling | dict[str, LevelSampling] | None = None,
-                seed: int = 0) -> tuple[list[dict], dict]:
+                seed: int | list[tuple[int, int]] = 0) -> tuple[list[dict], dict]:
     """n generations per question, n critiques per generation, n refinements per critique.
 
     `engines` is one Engine for every role, or a dict role → Engine or (Engine, adapter name)
-    (an adapter of the engine's MultiAdapterView). Returns (trees, stats): trees[i] =
+    (an adapter of the engine's MultiAdapterView). Question i's requests draw from seed `seed`
+    with paths starting at i, or, with a list, from seed[i] = (seed, index) with paths starting
+    at index: several calls' questions then run in one call with the samples of each. Returns (trees, stats): trees[i] =
     {"question", "generations": [{"text", "tokens", "finish", "verifications": [{...,
     "refinements": [{"text", "tokens", "finish"}]}]}]}; stats sums the engines' runs.
     """
@@ -112,8 +114,17 @@ def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
     trees = [{"question": q, "generations": []} for q in questions]
     one_engine = len({id(e) for e, _ in roles.values()}) == 1
     expand = _expand_one_engine if one_engine else _expand_per_role
-    stats = expand(roles, transcript, questions, trees, n, sampling, seed)
+    stats = expand(roles, transcript, questions, trees, n, sampling, _keys(seed, questions))
     return trees, stats
+
+
+def _keys(seed, questions) -> list[tuple[int, int]]:
+    """(request seed, path index) of each question."""
+    if isinstance(seed, int):
+        return [(seed, i) for i in range(len(questions))]
+    if len(seed) != len(questions):
+        raise MaltError(f"{len(seed)} (seed, index) keys for {len(questions)} questions")
+    return [tuple(k) for k in seed]
 
 
 def role_bindings(engines) -> dict[str, tuple[Engine, str | None]]:
@@ -132,7 +143,8 @@ def bind(engine) -> tuple[Engine, str | None]:
 
 
 def expand_generations(engine, questions: list[str], layout: RoleLayout, n: int = 1,
-                       sampling: LevelSampling | None = None, seed: int = 0) -> tuple[list, dict]:
+                       sampling: LevelSampling | None = None,
+                       seed: int | list[tuple[int, int]] = 0) -> tuple[list, dict]:
     """The first level alone (a single agent): n generations per question, sampled with the
     same request seeds as expand_tree's generator level, so equal weights give equal texts.
     `engine` is an Engine or (Engine, adapter). Returns (generations per question, stats)."""
@@ -141,11 +153,12 @@ def expand_generations(engine, questions: list[str], layout: RoleLayout, n: int 
     out: list[list[dict]] = [[] for _ in questions]
 
     def done(req, comps):
-        out[req.path[1]] = [_node(c) for c in comps]
+        out[req.tag] = [_node(c) for c in comps]
 
     stats = engine.run([_request(0, transcript.generator_context(q), n,
-                                 sampling or LevelSampling(), seed, (i,), on_done=done,
-                                 adapter=adapter) for i, q in enumerate(questions)])
+                                 sampling or LevelSampling(), s, (index,), on_done=done, tag=i,
+                                 adapter=adapter)
+                        for i, (q, (s, index)) in enumerate(zip(questions, _keys(seed, questions)))])
     return out, stats
 
 
@@ -159,7 +172,7 @@ def _request(level: int, ctx: list[int], n: int, s: LevelSampling, seed: int, pa
                    stop_line=tuple(s.stop_line), **kw)
 
 
-def _expand_one_engine(roles, transcript, questions, trees, n, sampling, seed) -> dict:
+def _expand_one_engine(roles, transcript, questions, trees, n, sampling, keys) -> dict:
     """One engine: levels run interleaved; a child of a role with the same weights extends its
     parent's cache sequence."""
     engine = roles["generator"][0]
@@ -178,37 +191,38 @@ def _expand_one_engine(roles, transcript, questions, trees, n, sampling, seed) -
             child_node = _node(c)
             node["verifications"].append(child_node)
             ctx = transcript.next_context(req.context, c.tokens, question, "refiner")
-            child = _request(2, ctx, n, sampling["refiner"], seed, req.path[1:] + (k,),
+            child = _request(2, ctx, n, sampling["refiner"], req.seed, req.path[1:] + (k,),
                              parent=c.seq if extends["refiner"] else None,
                              on_done=on_refinements, tag=child_node, adapter=adapter["refiner"])
             engine.submit(child)
 
     def on_generations(req, comps):
-        tree = trees[req.path[1]]
+        tree = trees[req.tag]
         for j, c in enumerate(comps):
             node = _node(c)
             tree["generations"].append(node)
             ctx = transcript.next_context(req.context, c.tokens, tree["question"], "verifier")
-            child = _request(1, ctx, n, sampling["verifier"], seed, req.path[1:] + (j,),
+            child = _request(1, ctx, n, sampling["verifier"], req.seed, req.path[1:] + (j,),
                              parent=c.seq if extends["verifier"] else None,
                              keep=extends["refiner"], on_done=on_verifications,
                              tag=(node, tree["question"]), adapter=adapter["verifier"])
             engine.submit(child)
 
-    roots = [_request(0, transcript.generator_context(q), n, sampling["generator"], seed, (i,),
-                      keep=extends["verifier"], on_done=on_generations,
-                      adapter=adapter["generator"]) for i, q in enumerate(questions)]
+    roots = [_request(0, transcript.generator_context(q), n, sampling["generator"], s, (index,),
+                      keep=extends["verifier"], on_done=on_generations, tag=i,
+                      adapter=adapter["generator"])
+             for i, (q, (s, index)) in enumerate(zip(questions, keys))]
     stats = engine.run(roots)
     stats["prefix_reuse"] = reuse
     return stats
 
 
-def _expand_per_role(roles, transcript, questions, trees, n, sampling, seed) -> dict:
+def _expand_per_role(roles, transcript, questions, trees, n, sampling, keys) -> dict:
     """Roles on their own engines: each level on its role's engine."""
     totals: dict = {}
 
     def run(role, level, items):
-        """items: (context, path, question); returns completions per item."""
+        """items: (context, path, question, seed); returns completions per item."""
         out = [None] * len(items)
 
         def done(req, comps):
@@ -216,27 +230,28 @@ def _expand_per_role(roles, transcript, questions, trees, n, sampling, seed) -> 
 
         engine, adapter = roles[role]
         reqs = [_request(level, ctx, n, sampling[role], seed, path, on_done=done, tag=i,
-                         adapter=adapter) for i, (ctx, path, _) in enumerate(items)]
+                         adapter=adapter) for i, (ctx, path, _, seed) in enumerate(items)]
         stats = engine.run(reqs)
         for k, v in stats.items():
             totals[k] = max(totals.get(k, 0), v) if k == "peak_cache_blocks" else \
                 totals.get(k, 0) + v
         return out
 
-    items = [(transcript.generator_context(q), (i,), q) for i, q in enumerate(questions)]
+    items = [(transcript.generator_context(q), (index,), q, s)
+             for q, (s, index) in zip(questions, keys)]
     level_nodes = [t["generations"] for t in trees]
     for level, (role, nxt) in enumerate([("generator", "verifier"), ("verifier", "refiner"),
                                          ("refiner", None)]):
         results = run(role, level, items)
         next_items, next_nodes = [], []
-        for (ctx, path, q), comps, nodes in zip(items, results, level_nodes):
+        for (ctx, path, q, s), comps, nodes in zip(items, results, level_nodes):
             for j, c in enumerate(comps):
                 node = _node(c)
                 nodes.append(node)
                 if nxt is not None:
                     node["verifications" if nxt == "verifier" else "refinements"] = []
                     next_items.append((transcript.next_context(ctx, c.tokens, q, nxt),
-                                       path + (j,), q))
+                                       path + (j,), q, s))
                     next_nodes.append(node["verifications" if nxt == "verifier"
                                            else "refinements"])
         items, level_nodes = next_items, next_nodes
