@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     run_way(run, "c", {first: tuple(x[:2] for x in per_seed[first])}, layout, args)
     rows, finals = {}, {}
     for way in args.ways:
-        rows[way], finals[way] = run_way(run, way, questions, layout, args)
+        rows[way], finals[way] = run_way(run, way, per_seed, layout, args)
         print(way, json.dumps(rows[way]), file=sys.stderr)
     base = rows.get("a")
     print(f"\n| way | wall s | tokens/s | × (a) | prefill tokens | context tokens | prefill / "

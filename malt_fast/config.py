@@ -193,10 +193,12 @@ class SamplingSection(Section):
 class EngineSection(Section):
     max_batch: PosInt = Field(64, description="decode slots per engine")
     cache_tokens: PosInt = Field(24576, description="KV-cache pool per engine, in tokens")
-    multi_adapter: StrictBool = Field(True, description="trained LoRA roles (and STaR's agent) "
-                                      "share one engine whose decode batches mix rows of every "
-                                      "adapter over the base weights held once; false: one "
-                                      "engine per role (see merge_adapters)")
+    multi_adapter: StrictBool = Field(False, description="trained LoRA roles (and STaR's "
+                                      "agent) share one engine: the base weights and one KV pool "
+                                      "held once, rows of every role in the same decode steps, "
+                                      "each through its adapter; false: one engine per role (see "
+                                      "merge_adapters), the faster on CPU "
+                                      "(benchmarks/results/rollout.md)")
     merge_adapters: StrictBool = Field(True, description="with one engine per role (full "
                                        "fine-tuning, or multi_adapter: false), a trained LoRA "
                                        "role decodes a merged copy of its weights (faster); "

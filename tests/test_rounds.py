@@ -40,7 +40,8 @@ def config(assets, tokenizer, run_dir, **over):
            "sampling": {"temperature": 1.0, "max_new_tokens": 8},
            # the roles share one multi-adapter engine, so the spy below can read which adapter
            # each role runs (merged role weights: tests/test_pipeline_finetune.py)
-           "engine": {"max_batch": 16, "cache_tokens": 4096, "merge_adapters": False},
+           "engine": {"max_batch": 16, "cache_tokens": 4096, "merge_adapters": False,
+                      "multi_adapter": True},
            # the digit model often fills its 8-token budget: keep its cut replies (as open
            # turns), or a role can be left with nothing to train on in a round
            "credit": {"theta_schedule": THETAS, "cut_replies": "keep"},
