@@ -62,6 +62,8 @@ if [ "$1" = 1 ]; then
 triton.__version__, t.__version__)" | tee -a "$log"
   run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_cuda.py
   run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear_logprob_cuda.py
+  run timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_lora_grouped.py \
+    tests/model/test_multi_adapter.py
   run timeout 100 python3 benchmarks/decode_step.py --shape smollm2-135m --batch 64 128 256 \
     --json-out "$OUT/decode_smollm2.json"
   [ -n "${LLAMA1B:-}" ] && run timeout 80 python3 benchmarks/decode_step.py \

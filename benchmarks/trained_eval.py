@@ -17,7 +17,8 @@ The config's run directory must hold a finished training stage (train/checkpoint
 adapters: run `malt-fast run CONFIG` first). The questions and chains are the run's evaluation's
 (evaluate.seeds, .questions, .chains; --questions overrides), with its sampling. Tokens/s =
 generated tokens / wall time; prefill = tokens computed; context = what an engine without reuse
-prefills.
+prefills; floor = the fewest tokens any cache keyed by (weights, tokens) must compute for the same
+chains (per role, the distinct prefixes of its requests' contexts).
 """
 
 from __future__ import annotations
@@ -79,6 +80,32 @@ def engines_for(run, way: str, max_batch: int, cache_tokens: int):
     return {r: (eng, r) for r in roles}
 
 
+def prefill_floor(run, trees_and_questions, layout) -> int:
+    """The fewest tokens any cache keyed by (weights, tokens) must compute for these chains: per
+    role, the distinct prefixes of all its requests' contexts (a token trie's size)."""
+    from malt_fast.rollout.tree import Transcript
+
+    transcript = Transcript(run.tok, layout)
+    tries = {r: {} for r in ("generator", "verifier", "refiner")}
+    size = 0
+    for tree, q in trees_and_questions:
+        g = tree["generations"][0]
+        v = g["verifications"][0]
+        ctx = transcript.generator_context(q)
+        contexts = {"generator": ctx}
+        ctx = transcript.next_context(ctx, g["tokens"], q, "verifier")
+        contexts["verifier"] = ctx
+        contexts["refiner"] = transcript.next_context(ctx, v["tokens"], q, "refiner")
+        for role, tokens in contexts.items():
+            node = tries[role]
+            for t in tokens:
+                if t not in node:
+                    node[t] = {}
+                    size += 1
+                node = node[t]
+    return size
+
+
 def run_way(run, way, per_seed, layout, args) -> tuple[dict, list]:
     from malt_fast.malt.expand import level_sampling
     from malt_fast.rollout import expand_tree
@@ -89,16 +116,18 @@ def run_way(run, way, per_seed, layout, args) -> tuple[dict, list]:
         [tuple(sum((list(x[i]) for x in per_seed.values()), []) for i in range(2))]
     totals = dict(generated_tokens=0, prefill_tokens=0, context_tokens=0, decode_steps=0,
                   prefill_calls=0, prefill_s=0.0)
-    finals = []
+    finals, done = [], []
     t0 = time.perf_counter()
     for questions, keys in batches:
         trees, st = expand_tree(engines, questions, layout, 1, level_sampling(run.cfg), seed=keys)
         finals += [t["generations"][0]["verifications"][0]["refinements"][0]["text"]
                    for t in trees]
+        done += list(zip(trees, questions))
         for k in totals:
             totals[k] += st[k]
     wall = time.perf_counter() - t0
-    return dict(wall_s=wall, tokens_per_s=totals["generated_tokens"] / wall, **totals), finals
+    return dict(wall_s=wall, tokens_per_s=totals["generated_tokens"] / wall, **totals,
+                prefill_floor=prefill_floor(run, done, layout)), finals
 
 
 def main(argv=None) -> int:
@@ -130,8 +159,8 @@ def main(argv=None) -> int:
         print(way, json.dumps(rows[way]), file=sys.stderr)
     base = rows.get("a")
     print(f"\n| way | wall s | tokens/s | × (a) | prefill tokens | context tokens | prefill / "
-          f"context | decode steps | final answers = (a)'s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"context | floor / context | decode steps | final answers = (a)'s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"a": "(a) per-role merged, no reuse", "b": "(b) per-role merged, prefix index",
              "c": "(c) one multi-adapter engine, prefix index",
              "d": "(d) one multi-adapter engine, no reuse"}
@@ -141,7 +170,8 @@ def main(argv=None) -> int:
                 if base else "-")
         print(f"| {names[way]} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {speed} | "
               f"{r['prefill_tokens']} | {r['context_tokens']} | "
-              f"{r['prefill_tokens'] / r['context_tokens']:.1%} | {r['decode_steps']} | {same} |")
+              f"{r['prefill_tokens'] / r['context_tokens']:.1%} | "
+              f"{r['prefill_floor'] / r['context_tokens']:.1%} | {r['decode_steps']} | {same} |")
     if args.json:
         info = dict(command=" ".join(sys.argv), cpu=platform.processor() or platform.machine(),
                     torch=torch.__version__, dtype=str(dtype), threads=torch.get_num_threads(),
