@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -158,8 +157,8 @@ def main(argv=None) -> int:
         rows[way], finals[way] = run_way(run, way, per_seed, layout, args)
         print(way, json.dumps(rows[way]), file=sys.stderr)
     base = rows.get("a")
-    print(f"\n| way | wall s | tokens/s | × (a) | prefill tokens | context tokens | prefill / "
-          f"context | floor / context | decode steps | final answers = (a)'s |")
+    print("\n| way | wall s | tokens/s | × (a) | prefill tokens | context tokens | prefill / "
+          "context | floor / context | decode steps | final answers = (a)'s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"a": "(a) per-role merged, no reuse", "b": "(b) per-role merged, prefix index",
              "c": "(c) one multi-adapter engine, prefix index",

@@ -7,9 +7,9 @@ loop admits requests while decode slots and cache blocks allow, prefills what th
 A branch that ends frees its slot at once and the next waiting request takes it.
 
 With prefix reuse (the default) the cache keeps, for the length of a `run`, every prefilled
-context and finished reply in its prefix index, keyed by the request's `adapter` (its weights) and its tokens, and a request
-starts from the longest cached prefix computed with the same weights: only the rest is
-prefilled. A request sharing a longer prefix with one prefilled in the same call waits for the
+context and finished reply in its prefix index, keyed by the request's `adapter` (its weights)
+and its tokens, and a request starts from the longest cached prefix computed with the same
+weights: only the rest is prefilled. A request sharing a longer prefix with one prefilled in the same call waits for the
 next call, so it finds that prefix cached. An engine on a `MultiAdapterView` decodes rows of
 different adapters in one batch (`model.route` before every forward).
 
@@ -105,8 +105,9 @@ class Engine:
 
     prefix_reuse=False prefills every branch's whole context itself and keeps no prefix index
     (the baseline the shared prefix is measured against); everything else is the same. A model
-    with a `route` method (`MultiAdapterView`) serves requests of several adapters at once. cuda_graphs=False decodes every
-    step eagerly (only the Triton backend, the default on CUDA, has fixed-shape steps).
+    with a `route` method (`MultiAdapterView`) serves requests of several adapters at once.
+    cuda_graphs=False decodes every step eagerly (only the Triton backend, the default on CUDA,
+    has fixed-shape steps).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, cache_tokens: int = 65536,
@@ -229,8 +230,8 @@ class Engine:
     @staticmethod
     def _zero_stats() -> dict:
         return dict(prefill_tokens=0, context_tokens=0, generated_tokens=0, decode_steps=0,
-                    prefill_calls=0,
-                    prefill_s=0.0, wall_s=0.0, tokens_per_s=0.0, peak_cache_blocks=0)
+                    prefill_calls=0, prefill_s=0.0, wall_s=0.0, tokens_per_s=0.0,
+                    peak_cache_blocks=0)
 
     def _worst_blocks(self, req: Request) -> int:
         """Blocks a request may still take: its prefill, then every branch's full budget

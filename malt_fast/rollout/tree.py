@@ -103,9 +103,11 @@ def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
     `engines` is one Engine for every role, or a dict role → Engine or (Engine, adapter name)
     (an adapter of the engine's MultiAdapterView). Question i's requests draw from seed `seed`
     with paths starting at i, or, with a list, from seed[i] = (seed, index) with paths starting
-    at index: several calls' questions then run in one call with the samples of each. Returns (trees, stats): trees[i] =
-    {"question", "generations": [{"text", "tokens", "finish", "verifications": [{...,
-    "refinements": [{"text", "tokens", "finish"}]}]}]}; stats sums the engines' runs.
+    at index: several calls' questions then run in one call with the samples of each.
+
+    Returns (trees, stats): trees[i] = {"question", "generations": [{"text", "tokens",
+    "finish", "verifications": [{..., "refinements": [{"text", "tokens", "finish"}]}]}]};
+    stats sums the engines' runs.
     """
     roles = role_bindings(engines)
     if not isinstance(sampling, dict):
@@ -155,10 +157,11 @@ def expand_generations(engine, questions: list[str], layout: RoleLayout, n: int 
     def done(req, comps):
         out[req.tag] = [_node(c) for c in comps]
 
+    keys = _keys(seed, questions)
     stats = engine.run([_request(0, transcript.generator_context(q), n,
                                  sampling or LevelSampling(), s, (index,), on_done=done, tag=i,
                                  adapter=adapter)
-                        for i, (q, (s, index)) in enumerate(zip(questions, _keys(seed, questions)))])
+                        for i, (q, (s, index)) in enumerate(zip(questions, keys))])
     return out, stats
 
 

@@ -83,8 +83,8 @@ def test_n_branches_and_partial_blocks_equal_no_reuse(model):
     """Sampled branches fork one prefilled row; contexts cut inside blocks at random depths."""
     rng = random.Random(1)
     base = [rng.randrange(97) for _ in range(70)]
-    contexts = [base[:rng.randrange(2, 70)] + [rng.randrange(97) for _ in range(rng.randrange(1, 9))]
-                for _ in range(12)]
+    contexts = [base[:rng.randrange(2, 70)]
+                + [rng.randrange(97) for _ in range(rng.randrange(1, 9))] for _ in range(12)]
     kw = dict(n=3, max_new_tokens=6)
     eng = Engine(model, eos_token_ids=[], progress=False, max_batch=8)
     out, st = serve(eng, contexts, **kw)
@@ -137,8 +137,8 @@ def test_multi_adapter_engine_equals_per_role_merged_engines():
     names = [None, "generator", "verifier", "refiner"]
     rng = random.Random(3)
     stem = [rng.randrange(97) for _ in range(30)]
-    contexts = [stem[:rng.randrange(1, 30)] + [rng.randrange(97) for _ in range(rng.randrange(1, 12))]
-                for _ in range(16)]
+    contexts = [stem[:rng.randrange(1, 30)]
+                + [rng.randrange(97) for _ in range(rng.randrange(1, 12))] for _ in range(16)]
     roles = [names[i % 4] for i in range(16)]
     multi = Engine(MultiAdapterView(model, names), eos_token_ids=[], progress=False, max_batch=8)
     got = [None] * 16
