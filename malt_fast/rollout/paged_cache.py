@@ -94,6 +94,9 @@ DECODE_BACKENDS = {"torch": reference_decode_attention, "cpp": cpp_decode_attent
 class PagedKVCache:
     """Block pool for every layer of one model plus the bookkeeping of the sequences in it.
 
+    `peak_used` is the most blocks sequences held at once (cached prefixes nobody holds are not
+    counted: the pool fills up with them and gives them back on demand).
+
     The pool has one block more than `num_blocks`: a scratch block that no sequence owns, where
     the padding rows of a fixed-shape (CUDA graph) decode step write and read.
     """
@@ -130,6 +133,8 @@ class PagedKVCache:
         self._static: dict[int, dict] = {}
         self._roots: dict = {}  # weights key -> root _Node of the prefix index
         self._indexed: dict[int, _Node] = {}  # block -> its index node
+        self._idle = 0  # indexed blocks no sequence holds (refcount 1: the index's own)
+        self.evicted = 0
         self._clock = 0
 
     # ------------------------------------------------------------ bookkeeping
@@ -141,7 +146,7 @@ class PagedKVCache:
     @property
     def idle_blocks(self) -> int:
         """Blocks only the prefix index holds (evicted when an allocation needs them)."""
-        return sum(1 for b in self._indexed if self.refcount[b] == 1)
+        return self._idle
 
     @property
     def held_blocks(self) -> int:
@@ -172,7 +177,7 @@ class PagedKVCache:
             child = self.new_sequence()
             self.seqs[child] = Sequence(list(parent.blocks), parent.length)
             for b in parent.blocks:
-                self.refcount[b] += 1
+                self._incref(b)
             children.append(child)
         return children
 
@@ -197,13 +202,21 @@ class PagedKVCache:
                             f"tokens are in use; build the engine with more cache blocks")
         b = self.free.pop()
         self.refcount[b] = 1
-        self.peak_used = max(self.peak_used, self.used_blocks)
+        self.peak_used = max(self.peak_used, self.held_blocks)
         return b
+
+    def _incref(self, b: int) -> None:
+        if self.refcount[b] == 1 and b in self._indexed:  # an idle cached block is taken up
+            self._idle -= 1
+            self.peak_used = max(self.peak_used, self.held_blocks)
+        self.refcount[b] += 1
 
     def _decref(self, b: int) -> None:
         self.refcount[b] -= 1
         if self.refcount[b] == 0:
             self.free.append(b)
+        elif self.refcount[b] == 1 and b in self._indexed:
+            self._idle += 1
 
     def blocks_needed(self, sid: int, n_new: int) -> int:
         """Fresh blocks `reserve(sid, n_new)` would take: new blocks plus a copied shared tail."""
@@ -275,7 +288,7 @@ class PagedKVCache:
         self._touch(path)
         for node in path:
             seq.blocks.append(node.block)
-            self.refcount[node.block] += 1
+            self._incref(node.block)
         return sid, seq.length
 
     def remember(self, sid: int, tokens, weights=None) -> None:
@@ -300,8 +313,8 @@ class PagedKVCache:
                     break  # cached elsewhere already, or a prefix of a cached block
                 child = _Node(b, toks, node, node.depth + 1)
                 node.children[toks] = child
+                self.refcount[b] += 1  # held by `sid` too, so not idle
                 self._indexed[b] = child
-                self.refcount[b] += 1
             elif child.block != b:
                 break  # the same tokens sit in another block: this one stays private
             path.append(child)
@@ -323,13 +336,16 @@ class PagedKVCache:
             assert not node.children, "an index node evicted before its children"
             del node.parent.children[node.tokens]
             del self._indexed[node.block]
+            self._idle -= 1
+            self.evicted += 1
             self._decref(node.block)
 
     def clear_index(self) -> None:
         """Forget every cached prefix (blocks still held by sequences stay theirs)."""
-        for b in list(self._indexed):
+        indexed, self._indexed = self._indexed, {}
+        for b in indexed:
             self._decref(b)
-        self._indexed.clear()
+        self._idle = 0
         self._roots.clear()
 
     # ------------------------------------------------------------ one forward

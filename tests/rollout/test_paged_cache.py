@@ -127,6 +127,9 @@ def check_index(cache):
         refs[b] += 1
     assert refs == cache.refcount
     assert sorted(cache.free) == [b for b in range(cache.num_blocks) if refs[b] == 0]
+    assert cache.idle_blocks == sum(1 for b in indexed_refs(cache) if refs[b] == 1)
+    held = sum(1 for b in range(cache.num_blocks) if refs[b] > (b in indexed_refs(cache)))
+    assert cache.held_blocks == held <= cache.peak_used
 
 
 def test_index_gives_the_longest_prefix_of_the_same_weights_to_the_token():
@@ -167,6 +170,7 @@ def test_eviction_takes_idle_blocks_lru_and_never_held_ones():
     assert n == 8 and cache.held_blocks == 2 and cache.idle_blocks == 4 and not cache.free
     big = cache.new_sequence()
     write(cache, big, [7.0] * 9)  # needs 3 blocks: y's two (least recent), then one of z's
+    assert cache.evicted == 3
     assert cache.lookup(prompts["y"], "y") == []
     assert cache.matched(cache.lookup(prompts["z"], "z"), prompts["z"]) == 4  # its leaf went
     assert read(cache, held) == prompts["x"]

@@ -107,9 +107,10 @@ def test_small_pool_evicts_and_stays_exact(model):
     out, st = serve(eng, contexts, max_new_tokens=8)
     assert out == serve(Engine(model, eos_token_ids=[], prefix_reuse=False, progress=False),
                         contexts, max_new_tokens=8)[0]
-    assert st["peak_cache_blocks"] == 24  # the pool filled up and was evicted from
+    # the pool filled up with cached prefixes and was evicted from; held blocks peak lower
+    assert eng.cache.used_blocks == 24 and eng.cache.held_blocks == 0
+    assert eng.cache.evicted > 0 and st["peak_cache_blocks"] < 24
     assert st["prefill_tokens"] < st["context_tokens"]
-    assert eng.cache.held_blocks == 0
 
 
 def with_adapters(ranks=(3, 5, 7), seed=0):
