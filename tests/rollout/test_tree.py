@@ -107,3 +107,43 @@ def test_stop_strings_in_tree_keep_cache_consistent(smol):
     assert any(n["finish"] == "stop" for n in nodes)
     for n in nodes:
         assert "e" not in n["text"] and tok.decode(n["tokens"]) == n["text"]
+
+
+def test_per_question_keys_sample_as_separate_calls(smol):
+    """Two seeds' questions in one call, each with its (seed, index) key, give what one call per
+    seed gives (the evaluation batches its seeds this way); on trained roles too, through one
+    multi-adapter engine against per-role merged engines."""
+    from malt_fast.model.lora import LoRAConfig, MultiAdapterView, add_adapter, merged_model
+    from malt_fast.model.lora import set_adapter
+
+    model, tok = smol
+    sampling = LevelSampling(max_new_tokens=5, temperature=1.0)
+    eng = Engine(model, tok, progress=False)
+    seeds = {3: QUESTIONS, 8: QUESTIONS[::-1] + QUESTIONS[:1]}
+    alone = {s: expand_tree(eng, qs, LAYOUT, n=1, sampling=sampling, seed=s)[0]
+             for s, qs in seeds.items()}
+    questions = [q for qs in seeds.values() for q in qs]
+    keys = [(s, i) for s, qs in seeds.items() for i in range(len(qs))]
+    together, _ = expand_tree(eng, questions, LAYOUT, n=1, sampling=sampling, seed=keys)
+    assert together == alone[3] + alone[8]
+    assert alone[3][0] != alone[8][2]  # the same question under another seed samples otherwise
+
+    # trained roles: small random adapters (B nonzero) on a copy of the weights
+    roles = ("generator", "verifier", "refiner")
+    tuned = merged_model(model, None)
+    torch.manual_seed(0)
+    for r in roles:
+        add_adapter(tuned, r, LoRAConfig(rank=3, alpha=3.0))
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    set_adapter(tuned, None)
+    multi = Engine(MultiAdapterView(tuned, [None, *roles]), tok, progress=False)
+    got, _ = expand_tree({r: (multi, r) for r in roles}, questions, LAYOUT, n=1,
+                         sampling=sampling, seed=keys)
+    per_role = {r: Engine(merged_model(tuned, r), tok, progress=False) for r in roles}
+    want = {s: texts(expand_tree(per_role, qs, LAYOUT, n=1, sampling=sampling, seed=s)[0])
+            for s, qs in seeds.items()}
+    assert texts(got) == want[3] + want[8]
+    assert texts(got) != texts(together)  # the adapters change the replies
