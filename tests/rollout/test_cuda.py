@@ -111,36 +111,9 @@ def test_fused_layer_ops_on_gpu(dtype):
 def test_multi_adapter_engine_on_gpu(graphs):
     """The compiled grouped-LoRA kernels inside the engine (prefill and decode, captured or
     eager): rows of three adapters and the base decode together, each greedy row equal to its
-    role's merged-weights engine, fp32 (the CPU twin: test_prefix_index.py)."""
-    import random
+    role's merged-weights engine, fp32 (the CPU twins: test_prefix_index.py)."""
+    from test_prefix_index import check_multi_adapter_engine, with_adapters
 
-    from test_prefix_index import with_adapters
-
-    from malt_fast.model.lora import MultiAdapterView, merged_model
-    from malt_fast.rollout import Engine
-    from malt_fast.rollout.engine import Request
-
-    model = with_adapters().cuda()
-    names = [None, "generator", "verifier", "refiner"]
-    rng = random.Random(5)
-    stem = [rng.randrange(97) for _ in range(30)]
-    contexts = [stem[:rng.randrange(1, 30)] + [rng.randrange(97) for _ in range(5)]
-                for _ in range(12)]
-    roles = [names[i % 4] for i in range(12)]
-    view = MultiAdapterView(model, names)
-    assert view.backend == "triton"
-    eng = Engine(view, eos_token_ids=[], progress=False, max_batch=16, cuda_graphs=graphs)
-    got = [None] * 12
-
-    def done(req, comps):
-        got[req.tag] = comps[0].tokens
-
-    eng.run([Request(c, 1, 12, on_done=done, tag=i, adapter=r)
-             for i, (c, r) in enumerate(zip(contexts, roles))])
+    eng = check_multi_adapter_engine(with_adapters().cuda(), "triton", graphs, count=12,
+                                     budget=12)
     assert (eng.graphs is not None and bool(eng.graphs.graphs)) == graphs
-    for name in names:
-        ref = Engine(merged_model(model, name), eos_token_ids=[], progress=False,
-                     cuda_graphs=False)
-        idx = [i for i in range(12) if roles[i] == name]
-        want = ref.generate([contexts[i] for i in idx], max_new_tokens=12)
-        assert [got[i] for i in idx] == [w[0] for w in want], name
