@@ -361,10 +361,20 @@ class Engine:
         return branches
 
     def _forward(self, seqs: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """Extend each sequence by its tokens; logits [B, V] at each row's last new token."""
+        """Extend each sequence by its tokens; logits [B, V] at each row's last new token.
+
+        On the CPU the rows are packed into one (no padding: with cached prefixes the rows'
+        new tokens differ by hundreds); a multi-adapter model routes by row, so it, and CUDA
+        (one padded kernel beats a launch per sequence), take padded rows."""
         n_new = [len(t) for t in tokens]
         T = max(n_new)
         device = self.cache.k.device
+        if len(seqs) > 1 and self._route is None and device.type == "cpu":
+            ids = torch.tensor([t for row in tokens for t in row], dtype=torch.int64)[None]
+            positions = self.cache.begin_packed(seqs, n_new)
+            h = self.model.hidden_states(ids, positions, cache=self.cache)[0]
+            last = torch.tensor(n_new).cumsum(0) - 1
+            return self.model.lm_head(h[last])
         ids = torch.zeros(len(seqs), T, dtype=torch.int64)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t, dtype=torch.int64)

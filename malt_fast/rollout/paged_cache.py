@@ -381,6 +381,35 @@ class PagedKVCache:
             self.seqs[sid].length += n
         return self._step["positions"]
 
+    def begin_packed(self, seq_ids: list[int], n_new: list[int]) -> torch.Tensor:
+        """Prepare a prefill forward whose rows are packed end to end into one row of
+        sum(n_new) tokens, without padding; returns positions [1, sum(n_new)]. `attend` then
+        runs each sequence's attention over its own context (a padded batch computes every row
+        to the longest row's length and context: with cached prefixes one row may bring 300
+        new tokens and the next 1)."""
+        for sid, n in zip(seq_ids, n_new):
+            self.reserve(sid, n)
+        bs, dev = self.block_size, self.k.device
+        positions, slots, context, segments, masks = [], [], [], [], []
+        q_off = kv_off = 0
+        for sid, n in zip(seq_ids, n_new):
+            seq = self.seqs[sid]
+            start, end = seq.length, seq.length + n
+            p = np.arange(end)
+            where = np.asarray(seq.blocks, np.int64)[p // bs] * bs + p % bs
+            positions.append(p[start:])
+            slots.append(where[start:])
+            context.append(where)
+            segments.append((q_off, n, kv_off, end))
+            # query i (position start + i) sees keys 0 .. start + i
+            masks.append(torch.ones(n, end, dtype=torch.bool, device=dev).tril(start)[None, None])
+            q_off, kv_off = q_off + n, kv_off + end
+            seq.length = end
+        self._step = dict(T=q_off, packed=segments, masks=masks,
+                          slots=self._to_device(np.concatenate(slots)),
+                          context=self._to_device(np.concatenate(context)))
+        return self._to_device(np.concatenate(positions))[None]
+
     def fits_static(self, seq_ids: list[int]) -> bool:
         """Whether one more token of each sequence fits the fixed decode block tables."""
         return self.blocks_for(max(self.seqs[s].length for s in seq_ids) + 1) <= self.static_width
@@ -469,6 +498,10 @@ class PagedKVCache:
         flat = self.k.shape[1] * self.block_size
         k_flat = self.k[layer_idx].view(flat, Hkv, D)
         v_flat = self.v[layer_idx].view(flat, Hkv, D)
+        if "packed" in st:  # one row of every sequence's new tokens end to end
+            k_flat.index_copy_(0, st["slots"], k[0].transpose(0, 1).to(k_flat.dtype))
+            v_flat.index_copy_(0, st["slots"], v[0].transpose(0, 1).to(v_flat.dtype))
+            return self._packed_attention(k_flat, v_flat, q, st)
         if T == 1:  # every row of a decode step is a real token (fixed shapes, no masking)
             k_new, v_new = k[:, :, 0], v[:, :, 0]
         else:
@@ -482,6 +515,15 @@ class PagedKVCache:
                                         self.scale, **plan)
             return out.to(q.dtype).unsqueeze(2)
         return self._prefill_attention(layer_idx, q, st)
+
+    @staticmethod
+    def _packed_attention(k_flat, v_flat, q, st):
+        """Each packed sequence's new queries against its own context, gathered once for all."""
+        keys = k_flat.index_select(0, st["context"]).to(q.dtype).transpose(0, 1)[None]
+        vals = v_flat.index_select(0, st["context"]).to(q.dtype).transpose(0, 1)[None]
+        return torch.cat([attention(q[:, :, qo:qo + n], keys[:, :, ko:ko + end],
+                                    vals[:, :, ko:ko + end], mask)
+                          for (qo, n, ko, end), mask in zip(st["packed"], st["masks"])], dim=2)
 
     def _prefill_attention(self, layer_idx, q, st):
         """SDPA over each row's gathered context: prefill is rare and compute-bound, so a copy

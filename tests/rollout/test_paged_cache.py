@@ -218,3 +218,43 @@ def test_random_index_operations_keep_contents_and_refcounts(seed):
         for sid, tokens in live.items():
             assert read(cache, sid) == tokens
         check_index(cache)
+
+
+def test_packed_prefill_equals_padded_rows():
+    """begin_packed: the rows' new tokens end to end in one row, each attending its own cached
+    context; the same outputs and cache contents as right-padded rows."""
+    g = torch.Generator().manual_seed(0)
+    caches = [PagedKVCache(CFG, num_blocks=32, block_size=4, decode_backend="torch")
+              for _ in range(2)]
+    prefix, n_new = [5, 0, 11, 2], [3, 6, 1, 9]
+    for cache in caches:
+        sids = [cache.new_sequence() for _ in prefix]
+        for sid, n in zip(sids, prefix):
+            if n:
+                write(cache, sid, [float(sid * 100 + t) for t in range(n)])
+        shared = cache.fork(sids[2], 1)[0]  # a forked row: its partial tail is copied on write
+    rows = sids + [shared]
+    n_new = n_new + [2]
+    q = [torch.randn(1, 2, n, 4, generator=g) for n in n_new]
+    k = [torch.randn(1, 1, n, 4, generator=g) for n in n_new]
+    v = [torch.randn(1, 1, n, 4, generator=g) for n in n_new]
+    padded, packed = caches
+    T = max(n_new)
+
+    def pad(xs):
+        return torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[2])) for x in xs])
+
+    pos = padded.begin(rows, n_new)
+    want = padded.attend(0, pad(q), pad(k), pad(v))
+    pos_packed = packed.begin_packed(rows, n_new)
+    got = packed.attend(0, torch.cat(q, 2), torch.cat(k, 2), torch.cat(v, 2))
+    assert pos_packed[0].tolist() == [p for i, n in enumerate(n_new) for p in pos[i, :n].tolist()]
+    at = 0
+    for i, n in enumerate(n_new):
+        torch.testing.assert_close(got[:, :, at:at + n], want[i:i + 1, :, :n], rtol=1e-5, atol=1e-6)
+        at += n
+    for sid in rows:
+        assert padded.seqs[sid].length == packed.seqs[sid].length
+        for layer in range(1):
+            b_pad, b_pack = padded.seqs[sid].blocks, packed.seqs[sid].blocks
+            assert torch.equal(padded.k[layer, b_pad], packed.k[layer, b_pack])
