@@ -128,7 +128,10 @@ def test_per_question_keys_sample_as_separate_calls(smol):
     assert together == alone[3] + alone[8]
     assert alone[3][0] != alone[8][2]  # the same question under another seed samples otherwise
 
-    # trained roles: small random adapters (B nonzero) on a copy of the weights
+    # trained roles: small random adapters (B nonzero) on a copy of the weights. Base GEMM +
+    # LoRA delta equals merged weights only in exact arithmetic, and each CPU kind rounds the two
+    # differently, so these paths are compared greedily (a sampled token can flip on one CPU).
+    greedy = LevelSampling(max_new_tokens=5, temperature=0.0)
     roles = ("generator", "verifier", "refiner")
     tuned = merged_model(model, None)
     torch.manual_seed(0)
@@ -137,13 +140,15 @@ def test_per_question_keys_sample_as_separate_calls(smol):
     with torch.no_grad():
         for n, p in tuned.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.02)
+                p.normal_(0, 0.1)
     set_adapter(tuned, None)
     multi = Engine(MultiAdapterView(tuned, [None, *roles]), tok, progress=False)
     got, _ = expand_tree({r: (multi, r) for r in roles}, questions, LAYOUT, n=1,
-                         sampling=sampling, seed=keys)
+                         sampling=greedy, seed=keys)
     per_role = {r: Engine(merged_model(tuned, r), tok, progress=False) for r in roles}
-    want = {s: texts(expand_tree(per_role, qs, LAYOUT, n=1, sampling=sampling, seed=s)[0])
+    want = {s: texts(expand_tree(per_role, qs, LAYOUT, n=1, sampling=greedy, seed=s)[0])
             for s, qs in seeds.items()}
     assert texts(got) == want[3] + want[8]
-    assert texts(got) != texts(together)  # the adapters change the replies
+    base, _ = expand_tree(eng, questions, LAYOUT, n=1, sampling=greedy, seed=keys)
+    assert texts(got) != texts(base)  # the adapters change the replies
+
