@@ -32,9 +32,10 @@ def report(run: Path) -> str:
     results = json.loads((run / "eval" / "results.json").read_text())
     summary = json.loads((run / "data" / "summary.json").read_text())
     seeds = results["seeds"]
+    chains = results.get("chains_per_question", results.get("chains"))  # (older runs: chains)
     lines = [f"### `{run}`", "",
              f"{summary['questions']} training questions; evaluation: {len(seeds)} seeds × "
-             f"{results['questions']} test questions × {results['chains']} chains; mean ± std "
+             f"{results['questions']} test questions × {chains} chains; mean ± std "
              f"over {seeds_phrase(results)}.", "",
              "| method | accuracy % (mean ± std) | per seed |", "| --- | --- | --- |"]
     for m, r in results["methods"].items():

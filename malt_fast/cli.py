@@ -51,11 +51,12 @@ def cmd_demo(args) -> None:
 
 def cmd_credit(args) -> None:
     """Rewards, values and labels on a trees.jsonl; SFT/DPO sets per role (no model needed)."""
-    from malt_fast.malt.credit import run_credit
+    from malt_fast.malt.credit import Recipe, run_credit
 
+    recipe = Recipe(args.recipe, args.verdict_weight, args.copy_share)
     summary = run_credit(args.trees, args.out, theta=args.theta, pairs=args.pairs,
                          max_pairs=args.max_pairs, seed=args.seed, prompts_path=args.prompts,
-                         cut_replies=args.cut_replies)
+                         cut_replies=args.cut_replies, recipe=recipe)
     import json
 
     print(json.dumps(summary, indent=2))
@@ -194,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("--cut-replies", choices=["drop", "keep"], default="drop",
                         help="replies cut by the token budget: left out of the training sets "
                              "(drop) or trained as open turns (keep)")
+    credit.add_argument("--recipe", choices=["paper", "correction"], default="paper",
+                        help="credit recipe (docs/malt.md)")
+    credit.add_argument("--verdict-weight", type=float, default=1.0,
+                        help="correction: the verdict's share of a critique's value")
+    credit.add_argument("--copy-share", type=float, default=0.2,
+                        help="correction: most refiner rows from right generations, as a share")
     credit.add_argument("--prompts", default=None, help="prompts YAML (default configs/prompts.yaml)")
     credit.set_defaults(func=cmd_credit)
     for name, func in [("run", cmd_run), ("expand", cmd_expand), ("evaluate", cmd_evaluate),

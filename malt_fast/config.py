@@ -224,6 +224,17 @@ class CreditSection(Section):
     cut_replies: Literal["drop", "keep"] = Field("drop", description="replies cut by the token "
                                                  "budget: never trained on (drop), or trained as "
                                                  "open turns without end-of-turn (keep)")
+    recipe: Literal["paper", "correction"] = Field(
+        "paper", description="how values and training rows are made (docs/malt.md, credit "
+                             "recipes): the paper's, or `correction`: a critique valued by "
+                             "whether its verdict matches the generation's correctness, the "
+                             "refiner trained mostly on wrong generations")
+    verdict_weight: Annotated[Float, Field(ge=0, le=1)] = Field(
+        1.0, description="correction: the verdict's share of a critique's value (the rest: "
+                         "the mean of its refinements)")
+    copy_share: Annotated[Float, Field(ge=0, lt=1)] = Field(
+        0.2, description="correction: at most this share of the refiner's SFT rows and DPO "
+                         "pairs come from right generations (mostly copies)")
 
     @field_validator("theta_schedule", mode="before")
     @classmethod
@@ -251,6 +262,10 @@ class EvaluateSection(Section):
     chains: PosInt = Field(3, description="independent G->V->R chains per question (MV@3 votes "
                                           "over them)")
     star: StrictBool = Field(False, description="also train and evaluate the STaR baseline")
+    refine: Literal["always", "flagged"] = Field(
+        "always", description="which generations the refiner rewrites: every one (the paper), "
+                              "or only those its verifier's verdict flags (an unflagged "
+                              "chain's answer is its generation's)")
 
     @field_validator("seeds")
     @classmethod

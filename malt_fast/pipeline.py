@@ -392,7 +392,7 @@ class Run:
         return path
 
     def credit(self, trees: Path) -> Path:
-        from malt_fast.malt.credit import run_credit
+        from malt_fast.malt.credit import Recipe, run_credit
 
         out = self.dir / "data"
         self.guard("credit")
@@ -404,10 +404,11 @@ class Run:
         if ranks.is_main():  # across ranks, rank 0 alone (it is quick)
             t0 = time.perf_counter()
             k = self.cfg["credit"]
+            recipe = Recipe(k["recipe"], k["verdict_weight"], k["copy_share"])
             summary = run_credit(trees, out, theta=self.theta, pairs=k["pairs"],
                                  max_pairs=k["max_pairs"], seed=self.seed,
                                  prompts_path=self.cfg["prompts"], cut_replies=k["cut_replies"],
-                                 log=self.log)
+                                 log=self.log, recipe=recipe)
             self.record("credit", time.perf_counter() - t0, summary=summary)
         ranks.barrier()
         return out
@@ -593,7 +594,7 @@ class Run:
         test = self.examples("test")
         t0 = time.perf_counter()
         kw = dict(questions=e["questions"], chains=e["chains"], sampling=level_sampling(c),
-                  prompts_path=c["prompts"])
+                  prompts_path=c["prompts"], refine=e["refine"])
 
         def group(index: int, paths: dict, compute) -> list:
             """The parts of one group (its seeds' files): computed together, every pending
@@ -605,7 +606,8 @@ class Run:
             for seed, path in paths.items():
                 if path.is_file():
                     part = json.loads(path.read_text())
-                    if "per_question" in part:  # (parts of older versions lack it: redone)
+                    # parts of older versions lack per-question or per-chain records: redone
+                    if "per_question" in part and isinstance(part.get("chains"), dict):
                         done[seed] = part
             todo = [seed for seed in paths if seed not in done]
             if todo:
@@ -628,8 +630,9 @@ class Run:
                 parts = evaluate_seeds(test, None, tuned, star, seeds=seeds, **kw)
                 if t is not None:
                     for r in parts.values():
-                        r["per_question"] = {m: {f"{t}/{k}": v for k, v in q.items()}
-                                             for m, q in r["per_question"].items()}
+                        for field in ("per_question", "chains"):
+                            r[field] = {m: {f"{t}/{k}": v for k, v in q.items()}
+                                        for m, q in r[field].items()}
                 return parts
             name = "trained" if t is None else f"trained-{t}"
             groups.append(({s: out / "seeds" / f"{name}-seed-{s}.json" for s in e["seeds"]},
@@ -738,26 +741,22 @@ def use_adapters(model, ckpt_dir) -> list[str]:
 
 def combine_seeds(parts: list[dict], e: dict, base: dict | None = None) -> dict:
     """Per-seed evaluate() results -> the results of one evaluate() over all the seeds (same
-    numbers: the per-question records are merged, accuracies, comparisons and counts
-    recomputed). With `base` (round 1's results) the untrained methods are round 1's."""
-    from malt_fast.eval.evaluate import summarize
+    numbers: the per-question and per-chain records are merged, accuracies, comparisons and
+    counts recomputed). With `base` (round 1's results) the untrained methods are round 1's.
+    The engine counts (wall times) are left out: results.json is then the same file whether
+    one process or several ranks computed it."""
+    from malt_fast.eval.evaluate import merge_seeds
 
-    per_question: dict[str, dict] = {}
-    transitions: dict[str, dict] = {}
+    common = {"dataset": parts[0]["dataset"], "questions": e["questions"],
+              "chains_per_question": e["chains"]}
     if base is not None:
-        transitions["MA"] = base["transitions"]["MA"]
-        per_question = {m: dict(q) for m, q in base["per_question"].items()
-                        if not m.startswith("MALT")}
-    for p in parts:
-        for m, seeds in p["per_question"].items():
-            per_question.setdefault(m, {}).update(seeds)
-        for name, t in p["transitions"].items():
-            acc = transitions.setdefault(name, {k: 0 for k in t})
-            for k, v in t.items():
-                acc[k] += v
-    return summarize({"dataset": parts[0]["dataset"], "seeds": list(e["seeds"]),
-                      "questions": e["questions"], "chains": e["chains"],
-                      "transitions": transitions, "per_question": per_question})
+        parts = [{**base, "transitions": {"MA": base["transitions"]["MA"]},
+                  "per_question": {m: q for m, q in base["per_question"].items()
+                                   if not m.startswith("MALT")},
+                  "chains": {"MA": base.get("chains", {}).get("MA", {})}}] + parts
+    results = merge_seeds([{**p, **common} for p in parts], seeds=e["seeds"])
+    results.pop("rollout", None)
+    return results
 
 
 def format_credit(summary: dict, round_no=None) -> str:

@@ -360,7 +360,7 @@ def test_combine_seeds_is_one_evaluation_over_all_seeds():
 
     def part(seed, sa, ma, malt_):
         t = {"wrong_to_right": seed, "right_to_wrong": 1, "chains": 6}
-        return {"dataset": "arith", "seeds": [seed], "questions": 2, "chains": 3,
+        return {"dataset": "arith", "seeds": [seed], "questions": 2, "chains_per_question": 3,
                 "per_question": {"SA": qs(seed, sa), "MA": qs(seed, ma), "MALT": qs(seed, malt_)},
                 "transitions": {"MA": dict(t), "MALT": dict(t)}}
 
@@ -372,7 +372,7 @@ def test_combine_seeds_is_one_evaluation_over_all_seeds():
     mean, std = mean_std([1.0, 0.5, 0.0])
     assert got["methods"]["MALT"]["mean"] == mean and got["methods"]["MALT"]["std"] == std
     assert got["transitions"]["MA"] == {"wrong_to_right": 15, "right_to_wrong": 3, "chains": 18}
-    assert got["seeds"] == [3, 5, 7] and got["questions"] == 2 and got["chains"] == 3
+    assert got["seeds"] == [3, 5, 7] and got["questions"] == 2 and got["chains_per_question"] == 3
     assert set(got["per_question"]["MALT"]) == {"3", "5", "7"}
     (malt_ma, malt_sa) = [c for c in got["comparisons"] if c["a"] == "MALT"]
     assert (malt_ma["b"], malt_ma["units"]) == ("MA", 6)

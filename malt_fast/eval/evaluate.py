@@ -32,13 +32,17 @@ import random
 from pathlib import Path
 
 from malt_fast.data import Example
+from malt_fast.eval.roles import (chain_record, format_roles, merge_chains, roles_of,
+                                  roles_table)
 from malt_fast.eval.stats import comparisons, fewest_units_to_reject, significant
 from malt_fast.malt.answers import answers_equal, extract_answer
-from malt_fast.malt.expand import role_layout
+from malt_fast.malt.expand import role_layout, with_verdict_probe
 from malt_fast.malt.prompts import load_prompts, question_text
-from malt_fast.rollout.tree import expand_generations, expand_tree
+from malt_fast.malt.verdict import extract_verdict, verdict_score
+from malt_fast.rollout.tree import LevelSampling, expand_generations, expand_tree, role_bindings
 
 METHODS = ("SA", "SA+MV@3", "MA", "MA+MV@3", "STaR", "STaR+MV@3", "MALT", "MALT+MV@3")
+REFINE_MODES = ("always", "flagged")
 
 
 def majority(answers: list[str | None], ex: Example) -> str | None:
@@ -100,22 +104,49 @@ def _per_seed(items: list, subsets: dict[int, list[Example]], chains: int):
 
 def run_chains(engines, subsets: dict[int, list[Example]], chains: int, sampling,
                prompts_path=None, rollout: dict | None = None,
-               name: str = "MA") -> dict[int, list[dict]]:
-    """Per seed, per example: the generator and refiner answers of each chain, every seed's
-    chains in one engine run (the engines' counts are added to rollout[name])."""
+               name: str = "MA", refine: str = "always") -> dict[int, list[dict]]:
+    """Per seed, per example: the generator and final answers of each chain and what the
+    verifier said of each generation (`verdicts`: "correct" | "incorrect" | None; `scores`: its
+    probability that the generation is wrong, read from the verdict token's logits), every
+    seed's chains in one engine run (the engines' counts are added to rollout[name]).
+    With refine="flagged" the refiner only rewrites generations the verdict flags; an unflagged
+    chain's final answer is its generation's."""
     questions, keys, prompts = _chain_questions(subsets, chains, prompts_path)
-    trees, stats = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=keys)
+    tok = role_bindings(engines)["verifier"][0].tokenizer
+    if not isinstance(sampling, dict):
+        sampling = {r: sampling or LevelSampling() for r in ("generator", "verifier", "refiner")}
+    sampling, (flag_ids, pass_ids) = with_verdict_probe(sampling, tok)
+    if refine not in REFINE_MODES:
+        raise ValueError(f"refine: expected one of {REFINE_MODES}, got {refine!r}")
+    refine_if = (lambda critique: extract_verdict(critique) == "incorrect") \
+        if refine == "flagged" else None
+    trees, stats = expand_tree(engines, questions, role_layout(prompts), 1, sampling, seed=keys,
+                               refine_if=refine_if)
     if rollout is not None:
         add_rollout(rollout, name, stats)
     out: dict[int, list[dict]] = {seed: [] for seed in subsets}
     for seed, ex, ts in _per_seed(trees, subsets, chains):
-        gens, finals = [], []
+        gens, finals, verdicts, scores = [], [], [], []
         for t in ts:
             g = t["generations"][0]
-            r = g["verifications"][0]["refinements"][0]
+            v = g["verifications"][0]
+            final = v["refinements"][0] if v["refinements"] else g
             gens.append(extract_answer(g["text"], ex.dataset, ex.choices))
-            finals.append(extract_answer(r["text"], ex.dataset, ex.choices))
-        out[seed].append({"id": ex.id, "gold": ex.gold, "generator": gens, "final": finals})
+            finals.append(extract_answer(final["text"], ex.dataset, ex.choices))
+            verdicts.append(extract_verdict(v["text"]))
+            scores.append(verdict_score(v["tokens"], v.get("probes"), tok, flag_ids, pass_ids))
+        out[seed].append({"id": ex.id, "gold": ex.gold, "generator": gens, "final": finals,
+                          "verdicts": verdicts, "scores": scores})
+    return out
+
+
+def chain_records(answers: list[dict], examples: list[Example]) -> dict[str, list[dict]]:
+    """Per question id, one record per chain (malt_fast.eval.roles)."""
+    out = {}
+    for a, ex in zip(answers, examples):
+        out[ex.id] = [chain_record(correct(g, ex), v == "incorrect", s, correct(f, ex))
+                      for g, f, v, s in zip(a["generator"], a["final"], a["verdicts"],
+                                            a["scores"])]
     return out
 
 
@@ -177,19 +208,20 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def evaluate(test: list[Example], base_engines=None, trained_engines=None, star_engine=None,
              seeds=(0, 1, 2), questions: int = 30, chains: int = 3, sampling=None,
-             prompts_path=None) -> dict:
+             prompts_path=None, refine: str = "always") -> dict:
     """Accuracy per method and seed of whichever engines are given: `base_engines` (SA, MA and
     their MV@3), `trained_engines` (MALT), `star_engine` (the STaR-trained single agent). An
     `*_engines` argument is one Engine or a dict role -> Engine or (Engine, adapter); the
     results' `rollout` holds each pipeline's engine counts (ROLLOUT_METHODS)."""
     parts = evaluate_seeds(test, base_engines, trained_engines, star_engine, seeds, questions,
-                           chains, sampling, prompts_path)
+                           chains, sampling, prompts_path, refine)
     return merge_seeds(list(parts.values()))
 
 
 def evaluate_seeds(test: list[Example], base_engines=None, trained_engines=None,
                    star_engine=None, seeds=(0, 1, 2), questions: int = 30, chains: int = 3,
-                   sampling=None, prompts_path=None) -> dict[int, dict]:
+                   sampling=None, prompts_path=None,
+                   refine: str = "always") -> dict[int, dict]:
     """evaluate()'s result of each seed alone, computed with every seed's chains of a method in
     one engine run (bigger decode batches; each chain samples with its own seed and path, as in
     a run per seed). The run's engine counts (`rollout`) are kept with the first seed's part."""
@@ -198,13 +230,15 @@ def evaluate_seeds(test: list[Example], base_engines=None, trained_engines=None,
     subsets = {seed: random.Random(seed).sample(test, min(questions, len(test))) for seed in seeds}
     per_question = {seed: {m: {} for m in METHODS} for seed in seeds}
     transitions: dict[int, dict] = {seed: {} for seed in seeds}
+    chain_recs: dict[int, dict] = {seed: {} for seed in seeds}
     rollout: dict = {}
     runs = [("MA", base_engines, run_chains), ("STaR", star_engine, run_single),
             ("MALT", trained_engines, run_chains)]
     for name, engines, run in runs:
         if engines is None:
             continue
-        answers = run(engines, subsets, chains, sampling, prompts_path, rollout, name)
+        extra = {"refine": refine} if run is run_chains else {}
+        answers = run(engines, subsets, chains, sampling, prompts_path, rollout, name, **extra)
         for seed, subset in subsets.items():
             methods = ROLLOUT_METHODS[name]
             key = "final" if name != "STaR" else "generator"
@@ -218,10 +252,12 @@ def evaluate_seeds(test: list[Example], base_engines=None, trained_engines=None,
                 t = score(answers[seed], subset)
                 transitions[seed][name] = {k: t[k] for k in ("wrong_to_right", "right_to_wrong",
                                                              "chains")}
+                chain_recs[seed][name] = {str(seed): chain_records(answers[seed], subset)}
     return {seed: summarize({"dataset": test[0].dataset, "seeds": [seed],
-                             "questions": questions, "chains": chains,
+                             "questions": questions, "chains_per_question": chains,
                              "transitions": transitions[seed],
                              "per_question": {m: v for m, v in per_question[seed].items() if v},
+                             "chains": chain_recs[seed],
                              "rollout": rollout if i == 0 else {}})
             for i, seed in enumerate(seeds)}
 
@@ -231,6 +267,7 @@ def merge_seeds(parts: list[dict], seeds=None) -> dict:
     transitions and engine counts summed, accuracies and comparisons recomputed."""
     per_question: dict[str, dict] = {}
     transitions: dict[str, dict] = {}
+    chain_recs: dict[str, dict] = {}
     rollout: dict = {}
     for p in parts:
         for m, by_seed in p["per_question"].items():
@@ -239,18 +276,21 @@ def merge_seeds(parts: list[dict], seeds=None) -> dict:
             acc = transitions.setdefault(name, {k: 0 for k in t})
             for k, v in t.items():
                 acc[k] += v
+        merge_chains(chain_recs, p.get("chains", {}))
         for name, stats in p.get("rollout", {}).items():
             add_rollout(rollout, name, stats)
     seeds = [s for p in parts for s in p["seeds"]] if seeds is None else list(seeds)
     return summarize({"dataset": parts[0]["dataset"], "seeds": seeds,
-                      "questions": parts[0]["questions"], "chains": parts[0]["chains"],
+                      "questions": parts[0]["questions"],
+                      "chains_per_question": parts[0]["chains_per_question"],
                       "transitions": transitions, "per_question": per_question,
-                      "rollout": rollout})
+                      "chains": chain_recs, "rollout": rollout})
 
 
 def summarize(results: dict) -> dict:
-    """`methods` (per-seed accuracy, mean, std) and `comparisons`, from `per_question`; a seed
-    key "t/e" (training seed t, evaluation seed e) counts as a seed of its own."""
+    """`methods` (per-seed accuracy, mean, std) and `comparisons`, from `per_question`, and
+    `roles` from `chains` (the chain records); a seed key "t/e" (training seed t, evaluation seed e) counts
+    as a seed of its own."""
     methods = {}
     for m in METHODS:
         seeds = results["per_question"].get(m)
@@ -259,7 +299,9 @@ def summarize(results: dict) -> dict:
         xs = [sum(r["correct"] for r in qs.values()) / len(qs) for qs in seeds.values()]
         mean, std = mean_std(xs)
         methods[m] = {"per_seed": xs, "mean": mean, "std": std}
-    return {**results, "methods": methods, "comparisons": comparisons(results["per_question"])}
+    chains = results.get("chains", {})
+    return {**results, "methods": methods, "comparisons": comparisons(results["per_question"]),
+            "roles": roles_of(chains)}
 
 
 def write_report(results: dict, out_dir) -> dict:
@@ -272,16 +314,18 @@ def write_report(results: dict, out_dir) -> dict:
     ds = results["dataset"]
     lines = [f"# Results: {ds}", "",
              f"{len(results['seeds'])} seeds × {results['questions']} test questions, "
-             f"{results['chains']} chains each; accuracy in %, mean ± std over "
+             f"{results['chains_per_question']} chains each; accuracy in %, mean ± std over "
              f"{seeds_phrase(results)}.", "",
              f"| Method | {ds} |", "| --- | --- |"]
     for m, r in results["methods"].items():
         lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} |")
-    lines += ["", "Per-turn transitions between the generator's and the refiner's answer "
-              "(counted over all chains):", "",
-              "| Pipeline | wrong → right | right → wrong | chains |", "| --- | --- | --- | --- |"]
-    for name, t in results["transitions"].items():
-        lines.append(f"| {name} | {t['wrong_to_right']} | {t['right_to_wrong']} | {t['chains']} |")
+    if results.get("roles"):
+        lines += ["", "What the roles do, over all chains (malt_fast/eval/roles.py): generations "
+                  "the verifier flagged as wrong, by whether they were wrong or right; AUROC of "
+                  "its verdict-token probability that the generation is wrong; the refiner's "
+                  "transitions from the generator's answer to the final one, and its net effect "
+                  "(wrong → right minus right → wrong per chain, paired over (seed, question) "
+                  "units):", "", *roles_table(results["roles"])]
     if results.get("comparisons"):
         lines += ["", "Paired comparisons on the same questions and seeds (a − b in points; 95% "
                   "paired bootstrap interval over (seed, question) units; exact sign / McNemar "
@@ -340,6 +384,9 @@ def format_table(results: dict) -> str:
     rows = [f"{'method':<10} {'accuracy (%)':>16}"]
     for m, r in results["methods"].items():
         rows.append(f"{m:<10} {100 * r['mean']:>8.2f} ± {100 * r['std']:<6.2f}")
+    if results.get("roles"):
+        rows += ["", "roles (verifier: generations flagged wrong; refiner: answer changes):",
+                 format_roles(results["roles"])]
     comps = results.get("comparisons") or []
     if comps:
         rows += ["", f"paired, same questions and seeds ({comps[0]['units']} units): a - b "

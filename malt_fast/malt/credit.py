@@ -9,6 +9,18 @@
 Values are kept as exact fractions until they are written, so a value of exactly theta is never
 pushed over (or under) it by float rounding: (1/3 + 2/3) / 2 is 1/2, negative.
 
+Recipes (`recipe`, docs/malt.md "Credit recipes"): `paper` is the above. `correction` aims the
+verifier and the refiner at correcting wrong generations:
+
+    V(v) = w * [its verdict matches g's correctness] + (1 - w) * mean of its refinements' V
+           (a critique flags g when its verdict says "incorrect"; no verdict: not flagged)
+    V(g) = mean over its critiques of their refinements' mean (the paper's value: the verdict
+           part must not reward a wrong generation for being flagged)
+    refiner rows: every refinement under a wrong generation as the paper labels it (fix-ups are
+           the positives, kept-wrong ones the negatives); the rows and pairs under right
+           generations (mostly copies of the right solution) down-sampled to at most
+           `copy_share` of the refiner's SFT rows and of its DPO pairs.
+
 A reply cut by the token budget (`finish: length`) did not choose to stop there. Its subtree
 counts in value iteration as any other (a cut refinement is scored as usual), but with
 `cut_replies: drop` (the default) it is never an SFT target nor either side of a DPO pair; with
@@ -18,15 +30,18 @@ renders it as an open turn, with no end-of-turn token to learn.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 from malt_fast.data.example import Example
 from malt_fast.errors import MaltError, fail
 from malt_fast.malt.answers import answers_equal, extract_answer
+from malt_fast.malt.verdict import extract_verdict
 from malt_fast.malt.prompts import (RolePrompts, generator_messages, load_prompts, prompt_family,
                                     refiner_messages, verifier_messages)
 from malt_fast.malt.trees import atomic_write_text, read_trees, write_trees
@@ -34,15 +49,35 @@ from malt_fast.malt.trees import atomic_write_text, read_trees, write_trees
 ROLES = ("generator", "verifier", "refiner")
 PAIR_MODES = ("all", "max_k", "one")
 CUT_MODES = ("drop", "keep")
+RECIPES = ("paper", "correction")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How values and training rows are made (module docstring)."""
+    name: str = "paper"
+    verdict_weight: float = 1.0  # correction: w, the verdict's share of a critique's value
+    copy_share: float = 0.2      # correction: at most this share of refiner rows from right g
+
+    def __post_init__(self):
+        if self.name not in RECIPES:
+            raise MaltError(f"recipe: expected one of {', '.join(RECIPES)}, got {self.name!r}")
+        if not 0 <= self.verdict_weight <= 1:
+            raise MaltError(f"verdict_weight: expected a number in [0, 1], got "
+                            f"{self.verdict_weight!r}")
+        if not 0 <= self.copy_share < 1:
+            raise MaltError(f"copy_share: expected a number in [0, 1), got {self.copy_share!r}")
 
 
 def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed=0,
-               prompts_path=None, cut_replies="drop", log=None) -> dict:
+               prompts_path=None, cut_replies="drop", log=None,
+               recipe: Recipe | None = None) -> dict:
     """Score `trees_path` and write trees.jsonl, sft_{role}.jsonl, dpo_{role}.jsonl,
     sft_star.jsonl (the STaR baseline's set) and summary.json (last, so its presence means the
     stage finished) into `out_dir`."""
     theta_f = _theta(theta)
     _check_pairing(pairs, max_pairs)
+    recipe = recipe or Recipe()
     if cut_replies not in CUT_MODES:
         raise MaltError(f"cut_replies: expected one of {', '.join(CUT_MODES)}, "
                         f"got {cut_replies!r}")
@@ -55,7 +90,7 @@ def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed
         log(f"{trees_path}: {unknown} replies have no 'finish' (written before finish reasons "
             "were recorded); they are treated as finished")
     prompts = _PromptCache(prompts_path)
-    scored = [score_tree(t, theta_f) for t in trees]
+    scored = [score_tree(t, theta_f, recipe) for t in trees]
     sft = {role: [] for role in ROLES}
     dpo = {role: [] for role in ROLES}
     star = []
@@ -66,6 +101,11 @@ def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed
             sft[role] += tree_sft[role]
             dpo[role] += tree_dpo[role]
         star += star_rows(tree, prompts.get(tree), cut_replies)
+    # the paper keeps every row under right generations: a share of 1 caps nothing
+    share = recipe.copy_share if recipe.name == "correction" else 1.0
+    copies = {}
+    sft["refiner"], copies["sft"] = cap_copies(sft["refiner"], share, f"{seed}/sft")
+    dpo["refiner"], copies["pairs"] = cap_copies(dpo["refiner"], share, f"{seed}/dpo")
 
     out = Path(out_dir)
     write_trees(out / "trees.jsonl", scored)
@@ -78,8 +118,10 @@ def run_credit(trees_path, out_dir, theta=0.5, pairs="all", max_pairs=None, seed
     _write_jsonl(out / "sft_star.jsonl", star)
     summary = summarize(scored, theta_f, sft, dpo)
     summary["star"] = {"sft": len(star)}
+    summary["correction"] = correction_counts(scored, sft["refiner"], dpo["refiner"], copies)
     summary.update(trees=str(trees_path), theta=float(theta), pairs=pairs,
-                   max_pairs=max_pairs, seed=seed, cut_replies=cut_replies)
+                   max_pairs=max_pairs, seed=seed, cut_replies=cut_replies,
+                   recipe=dataclasses.asdict(recipe))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -133,23 +175,40 @@ def leaf_reward(leaf: dict, tree: dict) -> tuple[str | None, int]:
     return leaf.get("answer"), int(leaf["reward"])
 
 
-def score_tree(tree: dict, theta: Fraction) -> dict:
-    """A copy of `tree` with answer/reward on every leaf and value/positive on every inner node."""
+def score_tree(tree: dict, theta: Fraction, recipe: Recipe | None = None) -> dict:
+    """A copy of `tree` with answer/reward on every leaf and value/positive on every inner node;
+    every generation also gets `correct` (its own answer), every critique its `verdict`."""
+    recipe = recipe or Recipe()
+    w = Fraction(str(recipe.verdict_weight))
     scored = {k: v for k, v in tree.items() if k != "generations"}
     gens = []
     for g in tree["generations"]:
-        vers = []
+        g_correct = generation_correct(g, tree)
+        vers, refined = [], []
         for v in g["verifications"]:
             leaves = []
             for r in v["refinements"]:
                 answer, rew = leaf_reward(r, tree)
                 leaves.append({**r, "answer": answer, "reward": rew})
-            value = Fraction(sum(leaf["reward"] for leaf in leaves), len(leaves))
-            vers.append({**v, "value": value, "positive": value > theta, "refinements": leaves})
-        value = sum((x["value"] for x in vers), Fraction(0)) / len(vers)
-        gens.append({**g, "value": value, "positive": value > theta, "verifications": vers})
+            mean = Fraction(sum(leaf["reward"] for leaf in leaves), len(leaves))
+            refined.append(mean)
+            verdict = extract_verdict(v.get("text", ""))
+            value = mean
+            if recipe.name == "correction":
+                match = (verdict == "incorrect") == (not g_correct)
+                value = w * int(match) + (1 - w) * mean
+            vers.append({**v, "verdict": verdict, "value": value, "positive": value > theta,
+                         "refinements": leaves})
+        value = sum(refined, Fraction(0)) / len(vers)
+        gens.append({**g, "correct": g_correct, "value": value, "positive": value > theta,
+                     "verifications": vers})
     scored["generations"] = gens
     return _floats(scored)
+
+
+def generation_correct(g: dict, tree: dict) -> bool:
+    answer = extract_answer(g.get("text", ""), tree["dataset"], tree.get("choices"))
+    return answers_equal(answer, tree["gold"], tree["dataset"], tree.get("choices"))
 
 
 def _floats(obj):
@@ -215,10 +274,57 @@ def tree_examples(tree: dict, prompts: RolePrompts, theta: Fraction, pairs="all"
         add("verifier", f"{tid}/g{i}/", "v", verifier_messages(ex, g["text"], prompts), vers,
             lambda n: n["positive"])
         for j, v in enumerate(vers):
+            start = (len(sft["refiner"]), len(dpo["refiner"]))
             add("refiner", f"{tid}/g{i}/v{j}/", "r",
                 refiner_messages(ex, g["text"], v["text"], prompts),
                 v["refinements"], lambda n: _leaf_positive(n, theta))
+            if g.get("correct"):  # rows that keep (mostly copy) a right solution
+                for rows, at in zip((sft["refiner"], dpo["refiner"]), start):
+                    for row in rows[at:]:
+                        row[COPY] = True
     return sft, dpo
+
+
+COPY = "_under_right"  # an in-memory mark of refiner rows under a right generation
+
+
+def cap_copies(rows: list[dict], share: float, key: str) -> tuple[list[dict], dict]:
+    """Rows under right generations kept to at most `share` of the result (a seeded sample, in
+    the rows' order), every other row kept; the marks removed. Returns (rows, counts)."""
+    copies = [i for i, r in enumerate(rows) if r.get(COPY)]
+    others = len(rows) - len(copies)
+    # the largest k with k <= share * (others + k)
+    limit = len(copies) if share >= 1 else int(share * others / (1 - share) + 1e-9)
+    keep = set(copies) if len(copies) <= limit else \
+        set(random.Random(key).sample(copies, limit))
+    out = [{k: v for k, v in r.items() if k != COPY} for i, r in enumerate(rows)
+           if not r.get(COPY) or i in keep]
+    return out, {"under_right": len(copies), "kept": min(len(copies), limit),
+                 "under_wrong": others}
+
+
+def correction_counts(scored: list[dict], sft_refiner: list[dict],
+                      dpo_refiner: list[dict], copies: dict) -> dict:
+    """What the trees hold to learn correction from: generations wrong and right, critiques
+    flagging each, refinements fixing wrong ones and breaking right ones; with the refiner's
+    rows after a `correction` recipe's cap (`copies`)."""
+    c = {"generations_wrong": 0, "generations_right": 0, "wrong_flagged": 0,
+         "right_flagged": 0, "critiques_under_wrong": 0, "critiques_under_right": 0,
+         "fixes": 0, "kept_wrong": 0, "kept_right": 0, "broken": 0}
+    for tree in scored:
+        for g in tree["generations"]:
+            side = "right" if g["correct"] else "wrong"
+            c[f"generations_{side}"] += 1
+            for v in g["verifications"]:
+                c[f"critiques_under_{side}"] += 1
+                c[f"{side}_flagged"] += v["verdict"] == "incorrect"
+                for r in v["refinements"]:
+                    key = {("wrong", 1): "fixes", ("wrong", 0): "kept_wrong",
+                           ("right", 1): "kept_right", ("right", 0): "broken"}[side, r["reward"]]
+                    c[key] += 1
+    c["refiner_sft"], c["refiner_pairs"] = len(sft_refiner), len(dpo_refiner)
+    c["refiner_rows_under_right"] = copies
+    return c
 
 
 def star_rows(tree: dict, prompts: RolePrompts, cut_replies="drop") -> list[dict]:

@@ -8,6 +8,7 @@ that are missing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,32 +17,54 @@ from malt_fast.data import Example
 from malt_fast.malt.answers import extract_answer, reward
 from malt_fast.malt.prompts import ANSWER_MARKER, RolePrompts, load_prompts, question_text
 from malt_fast.malt.trees import TreeWriter, finished_ids
-from malt_fast.rollout.tree import LevelSampling, RoleLayout, expand_tree
+from malt_fast.malt.verdict import (VERDICT_MARKER, extract_verdict, verdict_probe_ids,
+                                    verdict_score, verdict_word_ids)
+from malt_fast.rollout.tree import LevelSampling, RoleLayout, expand_tree, role_bindings
 
 ROLES = ("generator", "verifier", "refiner")
 
 
 def role_layout(prompts: RolePrompts) -> RoleLayout:
-    """The questions passed to the engine are already rendered by `question_text`."""
+    """The questions passed to the engine are already rendered by `question_text`; every
+    critique ends with a verdict line (appended where the verifier wrote none)."""
     return RoleLayout(question="{question}", verifier=prompts.verifier, refiner=prompts.refiner,
-                      system=prompts.system or None)
+                      system=prompts.system or None, verdict=VERDICT_MARKER)
 
 
 def level_sampling(cfg: dict) -> dict[str, LevelSampling]:
     """Per-role sampling from a checked run config's `sampling` section (malt_fast.config).
 
     With `stop_after_answer` (the default) the generator's and refiner's replies end with the
-    line that holds their final answer, as their instructions ask: what a small model appends
-    after it (a second solution, "Explanation: ...", a loop) is never scored nor trained on, and
-    does not run the reply into its token budget."""
+    line that holds their final answer, as their instructions ask, and the verifier's with its
+    verdict line: what a small model appends after it (a second solution, "Explanation: ...",
+    a loop) is never scored nor trained on, and does not run the reply into its token budget."""
     s = cfg["sampling"]
+    markers = {"generator": ANSWER_MARKER, "verifier": VERDICT_MARKER, "refiner": ANSWER_MARKER}
     out = {}
     for role in ROLES:
-        answers = s["stop_after_answer"] and role in ("generator", "refiner")
+        stop_line = (markers[role],) if s["stop_after_answer"] else ()
         out[role] = LevelSampling(max_new_tokens=s["max_new_tokens"][role],
                                   temperature=s["temperature"], top_p=s["top_p"],
-                                  top_k=s["top_k"], stop_line=(ANSWER_MARKER,) if answers else ())
+                                  top_k=s["top_k"], stop_line=stop_line)
     return out
+
+
+def with_verdict_probe(sampling: dict[str, LevelSampling], tokenizer):
+    """The sampling with the verifier's verdict words probed, an appended verdict line's word
+    drawn among " correct" / " incorrect", and (flag ids, pass ids)."""
+    flag_ids, pass_ids = verdict_probe_ids(tokenizer)
+    sampling = dict(sampling)
+    sampling["verifier"] = dataclasses.replace(sampling["verifier"], probe=flag_ids + pass_ids)
+    sampling["verdict"] = dataclasses.replace(sampling["verifier"],
+                                              first_token_ids=verdict_word_ids(tokenizer))
+    return sampling, (flag_ids, pass_ids)
+
+
+def critique_record(node: dict, tokenizer, probe_ids) -> dict:
+    """A critique's reply fields, its verdict and the verifier's probability that the
+    generation is wrong (null where the verdict word's token was not probed)."""
+    return {**reply(node), "verdict": extract_verdict(node["text"]),
+            "score": verdict_score(node["tokens"], node.get("probes"), tokenizer, *probe_ids)}
 
 
 def reply(node: dict) -> dict:
@@ -50,8 +73,9 @@ def reply(node: dict) -> dict:
     return {"text": node["text"], "finish": node["finish"], "tokens": len(node["tokens"])}
 
 
-def tree_record(example: Example, raw: dict) -> dict:
-    """The engine's tree (texts + token ids) -> the trees.jsonl record, leaves scored."""
+def tree_record(example: Example, raw: dict, tokenizer=None, probe_ids=None) -> dict:
+    """The engine's tree (texts + token ids) -> the trees.jsonl record, leaves scored, and with
+    a tokenizer, critiques' verdicts and scores."""
     def answer(node):
         return extract_answer(node["text"], example.dataset, example.choices)
 
@@ -63,9 +87,12 @@ def tree_record(example: Example, raw: dict) -> dict:
            "gold": example.gold}
     if example.choices:
         rec["choices"] = example.choices
+    def critique(v):
+        return reply(v) if tokenizer is None else critique_record(v, tokenizer, probe_ids)
+
     rec["generations"] = [
         {**reply(g), "answer": answer(g),
-         "verifications": [{**reply(v), "refinements": [leaf(r) for r in v["refinements"]]}
+         "verifications": [{**critique(v), "refinements": [leaf(r) for r in v["refinements"]]}
                            for v in g["verifications"]]}
         for g in raw["generations"]]
     return rec
@@ -81,6 +108,8 @@ def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=N
     out_path = Path(out_path)
     done = finished_ids(out_path, report=log) | (done or set())
     sampling = sampling or {r: LevelSampling() for r in ROLES}
+    tokenizer = role_bindings(engine)["verifier"][0].tokenizer
+    sampling, probe_ids = with_verdict_probe(sampling, tokenizer)
     rank, ranks = shard
     todo_chunks = [(c, examples[c:c + chunk]) for c in range(0, len(examples), chunk)
                    if (c // chunk) % ranks == rank]
@@ -99,7 +128,7 @@ def run_expand(examples: list[Example], engine, out_path, n: int = 3, sampling=N
                                      role_layout(prompts), n, sampling, seed=seed * 1_000_003 + c)
             for e, tree in zip(exs, raw):
                 if e.id not in done:
-                    writer.write(tree_record(e, tree))
+                    writer.write(tree_record(e, tree, tokenizer, probe_ids))
                     totals["questions"] += 1
             wall = time.perf_counter() - t0
             totals["generated_tokens"] += stats.get("generated_tokens", 0)

@@ -25,8 +25,10 @@ _REQUIRED_TOP = ("id", "dataset", "question", "gold", "generations")
 _REPLY = {"text": str, "finish": str, "tokens": int, "meta": dict}
 _NODE = {
     "generations": {**_REPLY, "value": (int, float), "positive": bool,
-                    "answer": (str, type(None)), "verifications": list},
-    "verifications": {**_REPLY, "value": (int, float), "positive": bool, "refinements": list},
+                    "answer": (str, type(None)), "correct": bool, "verifications": list},
+    "verifications": {**_REPLY, "value": (int, float), "positive": bool,
+                      "verdict": (str, type(None)), "score": (int, float, type(None)),
+                      "refinements": list},
     "refinements": {**_REPLY, "answer": (str, type(None)), "reward": int},
 }
 FINISHES = ("eos", "stop", "length")

@@ -17,6 +17,12 @@ Completions include the EOS token when the model emitted one (as `transformers.g
 a completion cut by a stop string excludes the stop string and has no EOS. A request's
 `stop_line` markers end a reply at the end of the first line holding one of them (e.g. "Final
 Answer:": the answer line is the reply's last), the line break excluded; both finish as "stop".
+
+A request's `first_token_ids` restrict its first token to those ids (the model's distribution
+renormalized over them). A request's `probe` token ids are scored at every sampled token: their probabilities under the
+model's distribution at temperature 1, from the very logits row the token was drawn from (e.g.
+the verifier's probability of " incorrect" where it wrote its verdict). Only rows of requests
+with a probe compute them, and sampling does not change.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class Request:
     tag: Any = None  # the caller's data, handed back untouched through on_done
     stop_line: tuple[str, ...] = ()  # the reply ends with the first line holding one of these
     adapter: str | None = None  # the weights: an adapter of the engine's MultiAdapterView
+    probe: tuple[int, ...] = ()  # token ids whose temperature-1 probabilities each token records
+    # the first token is drawn among these ids only (the model's distribution renormalized over
+    # them, e.g. a verdict word after "Verdict:"); probes still see the whole distribution
+    first_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -59,6 +69,9 @@ class Completion:
     finish: str  # "eos" | "stop" | "length"
     text: str | None = None  # exact text (cut at the stop string) when a tokenizer is present
     seq: int | None = None  # cache sequence (context + tokens, or a prefix of it) when kept
+    # with a probe: per token, the probe ids' probabilities where it was sampled (a tuple), or
+    # None for a token that was not sampled (re-encoded by a stop cut); None without a probe
+    probes: list | None = None
 
 
 @dataclass
@@ -68,6 +81,7 @@ class _Branch:
     seq: int
     random: BranchRandom
     tokens: list[int] = field(default_factory=list)
+    probes: list[tuple[float, ...]] = field(default_factory=list)  # per token, with a probe
     result: Completion | None = None
     unchanged: int | None = None  # leading sampled tokens a stop-string cut left as they were
     row: int | None = None  # its row in the last launched decode step (None: not in one yet)
@@ -98,6 +112,7 @@ class _Step:
     """A launched decode step whose sampled tokens have not been read yet."""
     branches: list[_Branch]
     staging: _Staging
+    probes: torch.Tensor | None = None  # [rows with a probe, longest probe] on the host
 
 
 class Engine:
@@ -354,9 +369,12 @@ class Engine:
         # every branch's first token in one draw (each from its own stream): one device sync
         # per prefill call, not one per request
         logits = last_logits[torch.tensor(source_row, device=last_logits.device)]
-        first = sample(logits, [b.request.params for b in branches], [b.random for b in branches])
+        first = sample(_restrict_first(logits, [b.request for b in branches]),
+                       [b.request.params for b in branches], [b.random for b in branches])
+        probes = _probe_probs(logits, [b.request for b in branches])
+        probes = iter(probes.tolist() if probes is not None else ())
         for b, tok in zip(branches, first.tolist()):
-            self._append(b, tok)
+            self._append(b, tok, next(probes) if b.request.probe else None)
         self._bar.update(len(branches))
         return branches
 
@@ -418,28 +436,39 @@ class Engine:
         toks = sample_rows(logits, self._row_floats, self._row_ints[2], mode)
         self._sampled[:B].copy_(toks)
         stage.tokens[:B].copy_(toks, non_blocking=True)
+        probes = _probe_probs(logits, [b.request for b in active])
+        if probes is not None:  # from CUDA: into pinned memory, ready with the step's event
+            probes = probes.to("cpu", non_blocking=True)
         if stage.done is not None:
             stage.done.record()
         for i, b in enumerate(active):
             b.row = i
         self.stats["decode_steps"] += 1
-        return _Step(list(active), stage)
+        return _Step(list(active), stage, probes)
 
     def _collect(self, step: _Step) -> None:
         """Append a launched step's tokens to its branches (not to those already ended)."""
         if step.staging.done is not None:
             step.staging.done.synchronize()
         live = 0
+        # rows with a probe, in step order: a branch ended meanwhile drops its row's values
+        # along with its token, so probes stay aligned with tokens
+        probes = iter(step.probes.tolist() if step.probes is not None else ())
         for b, tok in zip(step.branches, step.staging.tokens[:len(step.branches)].tolist()):
+            probe = next(probes) if b.request.probe else None
             if b.result is None:
-                self._append(b, tok)
+                self._append(b, tok, probe)
                 live += 1
         self._bar.update(live)
 
-    def _append(self, b: _Branch, tok: int) -> None:
+    def _append(self, b: _Branch, tok: int, probe: list[float] | None = None) -> None:
+        """Add a sampled token and, with a probe, its row's values (cut to this request's
+        probe: a batch with a longer probe padded the row)."""
         b.tokens.append(tok)
         self.stats["generated_tokens"] += 1
         req = b.request
+        if req.probe:
+            b.probes.append(tuple(probe[:len(req.probe)]))
         if tok in self.eos:
             b.result = Completion(list(b.tokens), "eos")
         elif req.stop and (cut := self._stop_cut(b.tokens, req.stop)) is not None:
@@ -451,6 +480,10 @@ class Engine:
             b.unchanged = cut[2]
         elif len(b.tokens) >= req.max_new_tokens:
             b.result = Completion(list(b.tokens), "length")
+        if req.probe and b.result is not None:
+            # tokens a stop cut re-encoded were never sampled: no distribution to report
+            kept = len(b.result.tokens) if b.unchanged is None else b.unchanged
+            b.result.probes = b.probes[:kept] + [None] * (len(b.result.tokens) - kept)
 
     def _stop_cut(self, tokens: list[int], stop: tuple[str, ...]):
         """(token ids, text, count of unchanged sampled tokens) if the text now holds a stop
@@ -524,6 +557,38 @@ class Engine:
             self.cache.release(b.seq)
             return
         res.seq = b.seq
+
+
+def _restrict_first(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The prefill rows' logits with every id outside a request's `first_token_ids` at -inf."""
+    rows = [i for i, r in enumerate(requests) if r.first_token_ids]
+    if not rows:
+        return logits
+    mask = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool)
+    for k, i in enumerate(rows):
+        mask[k, list(requests[i].first_token_ids)] = True
+    rows_t = torch.tensor(rows, device=logits.device)
+    out = logits.clone()
+    out[rows_t] = logits[rows_t].masked_fill(~mask.to(logits.device), float("-inf"))
+    return out
+
+
+def _probe_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+    """Temperature-1 probabilities, in fp32, of each probing row's probe ids: [rows whose
+    request has a probe, longest probe] (shorter probes padded with id 0), or None if no row
+    has one. Only those rows' log-sum-exp is computed; nothing here waits for the device."""
+    rows = [i for i, r in enumerate(requests) if r.probe]
+    if not rows:
+        return None
+    width = max(len(requests[i].probe) for i in rows)
+    ids = torch.tensor([list(requests[i].probe) + [0] * (width - len(requests[i].probe))
+                        for i in rows], dtype=torch.int64)
+    rows_t = torch.tensor(rows, dtype=torch.int64)
+    if logits.is_cuda:  # a pageable host->device copy may wait for the stream to drain
+        ids, rows_t = ids.pin_memory(), rows_t.pin_memory()
+    ids = ids.to(logits.device, non_blocking=True)
+    x = logits.index_select(0, rows_t.to(logits.device, non_blocking=True)).float()
+    return (x.gather(1, ids) - torch.logsumexp(x, dim=-1, keepdim=True)).exp()
 
 
 def _stop_tuple(stop) -> tuple[str, ...]:

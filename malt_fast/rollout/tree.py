@@ -15,11 +15,19 @@ run level by level, each engine reusing its own cached prefixes.
 
 Context token ids are built from the sampled tokens, never from re-encoded text, so the cache is
 reused exactly; the text between two turns comes from the tokenizer's chat template.
+
+With a layout's `verdict` (e.g. "Verdict:") every critique ends with a verdict line: a critique
+that wrote none gets the line appended, and its word is sampled by the verifier (its weights,
+temperature and probe) as a short continuation of the critique's own sequence. The node then
+holds the critique, the line and the word as one reply, and the refiner reads them all. A small
+model seldom closes its critique with the line it was asked for, but always has a judgement to
+give at that point, and its probability there is the verifier's score.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from malt_fast.errors import MaltError
 from malt_fast.rollout.engine import Completion, Engine, Request
@@ -27,6 +35,8 @@ from malt_fast.rollout.sampling import SamplingParams
 
 ROLES = ("generator", "verifier", "refiner")
 _SENTINEL = "\x00TURN\x00"
+VERDICT_LEVEL = 3  # the request level (first path entry) of an appended verdict line
+VERDICT_TOKENS = 4  # the verdict word and what closes its line
 
 
 @dataclass
@@ -37,6 +47,7 @@ class RoleLayout:
     verifier: str = ""  # the user turn asking for a critique of the generator's answer
     refiner: str = ""  # the user turn asking for a corrected answer
     system: str | None = None
+    verdict: str | None = None  # the line every critique ends with (module docstring)
 
     def render(self, field: str, question: str) -> str:
         # str.replace, not format: prompts may hold braces (\boxed{}, JSON)
@@ -51,6 +62,10 @@ class LevelSampling:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     stop_line: tuple[str, ...] = ()  # the reply ends with the first line holding one of these
+    # token ids whose probabilities each sampled token records (`Request.probe`); the nodes
+    # then carry "probes" (e.g. the verifier's `flag_ids + pass_ids`, malt/verdict.py)
+    probe: tuple[int, ...] = ()
+    first_token_ids: tuple[int, ...] = ()  # the first token drawn among these (Request)
 
     def params(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k)
@@ -94,11 +109,48 @@ class Transcript:
         between = full[at + len(_SENTINEL):]
         return list(context) + list(reply) + self.tok.encode(between)
 
+    def needs_verdict(self, critique: str | None) -> bool:
+        lead = self.layout.verdict
+        return lead is not None and lead.lower() not in (critique or "").lower()
+
+    def verdict_lead(self) -> list[int]:
+        return self.tok.encode("\n" + self.layout.verdict)
+
+    def kept_reply(self, reply: list[int]) -> list[int]:
+        """A reply as the next turn's context holds it: its trailing EOS dropped."""
+        return list(reply[:-1]) if reply and reply[-1] in self.eos else list(reply)
+
+
+def verdict_sampling(sampling: dict) -> LevelSampling:
+    """The appended verdict word's sampling: `sampling["verdict"]` if given (e.g. its first
+    token restricted to the verdict words), else the critique's; for a few tokens, ending with
+    the line."""
+    s = sampling.get("verdict") or sampling["verifier"]
+    return replace(s, max_new_tokens=VERDICT_TOKENS, stop=("\n",), stop_line=())
+
+
+def with_verdict(critique: Completion, kept: list[int], lead_ids: list[int],
+                 verdict: Completion, lead: str) -> Completion:
+    """A critique (its `kept` tokens: the trailing EOS dropped) and its appended verdict line
+    (`lead_ids`, then the sampled word) as one reply. It is cut (`length`) only if the critique
+    was: the verdict line is complete once its word is there."""
+    probes = None
+    if critique.probes is not None:
+        probes = critique.probes[:len(kept)] + [None] * len(lead_ids) + \
+            (verdict.probes or [None] * len(verdict.tokens))
+    finish = "length" if critique.finish == "length" else \
+        "eos" if verdict.finish == "eos" else "stop"
+    return Completion(kept + lead_ids + list(verdict.tokens), finish,
+                      text=f"{critique.text}\n{lead}{verdict.text}", seq=verdict.seq,
+                      probes=probes)
+
 
 def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
                 sampling: LevelSampling | dict[str, LevelSampling] | None = None,
-                seed: int | list[tuple[int, int]] = 0) -> tuple[list[dict], dict]:
-    """n generations per question, n critiques per generation, n refinements per critique.
+                seed: int | list[tuple[int, int]] = 0,
+                refine_if: Callable[[str], bool] | None = None) -> tuple[list[dict], dict]:
+    """n generations per question, n critiques per generation, n refinements per critique
+    (with `refine_if`, only under the critiques whose text it accepts; the others get none).
 
     `engines` is one Engine for every role, or a dict role → Engine or (Engine, adapter name)
     (an adapter of the engine's MultiAdapterView). Question i's requests draw from seed `seed`
@@ -106,8 +158,10 @@ def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
     at index: several calls' questions then run in one call with the samples of each.
 
     Returns (trees, stats): trees[i] = {"question", "generations": [{"text", "tokens",
-    "finish", "verifications": [{..., "refinements": [{"text", "tokens", "finish"}]}]}]};
-    stats sums the engines' runs.
+    "finish", "verifications": [{..., "refinements": [{"text", "tokens", "finish"}]}]}]}.
+    `sampling` may also hold "verdict": how a layout's appended verdict word is sampled
+    (plus "probes" on the nodes of a level sampled with a `probe`); stats sums the engines'
+    runs.
     """
     roles = role_bindings(engines)
     if not isinstance(sampling, dict):
@@ -116,7 +170,8 @@ def expand_tree(engines, questions: list[str], layout: RoleLayout, n: int = 3,
     trees = [{"question": q, "generations": []} for q in questions]
     one_engine = len({id(e) for e, _ in roles.values()}) == 1
     expand = _expand_one_engine if one_engine else _expand_per_role
-    stats = expand(roles, transcript, questions, trees, n, sampling, _keys(seed, questions))
+    stats = expand(roles, transcript, questions, trees, n, sampling, _keys(seed, questions),
+                   refine_if or (lambda critique: True))
     return trees, stats
 
 
@@ -166,16 +221,21 @@ def expand_generations(engine, questions: list[str], layout: RoleLayout, n: int 
 
 
 def _node(c: Completion) -> dict:
-    return {"text": c.text, "tokens": c.tokens, "finish": c.finish}
+    node = {"text": c.text, "tokens": c.tokens, "finish": c.finish}
+    if c.probes is not None:  # only levels sampled with a probe: other trees stay as they were
+        node["probes"] = c.probes
+    return node
 
 
 def _request(level: int, ctx: list[int], n: int, s: LevelSampling, seed: int, path: tuple,
              **kw) -> Request:
     return Request(ctx, n, s.max_new_tokens, s.params(), tuple(s.stop), seed, (level,) + path,
-                   stop_line=tuple(s.stop_line), **kw)
+                   stop_line=tuple(s.stop_line), probe=tuple(s.probe),
+                   first_token_ids=tuple(s.first_token_ids), **kw)
 
 
-def _expand_one_engine(roles, transcript, questions, trees, n, sampling, keys) -> dict:
+def _expand_one_engine(roles, transcript, questions, trees, n, sampling, keys,
+                       refine_if) -> dict:
     """One engine: levels run interleaved; a child of a role with the same weights extends its
     parent's cache sequence."""
     engine = roles["generator"][0]
@@ -184,20 +244,46 @@ def _expand_one_engine(roles, transcript, questions, trees, n, sampling, keys) -
                "refiner": adapter["refiner"] == adapter["verifier"]}
     reuse = engine.prefix_reuse
 
+    verdicts = transcript.layout.verdict is not None
+    if verdicts:
+        lead_ids, v_sampling = transcript.verdict_lead(), verdict_sampling(sampling)
+
     def on_refinements(req, comps):
         req.tag["refinements"] = [_node(c) for c in comps]
 
+    def refine(nodes, k, context, c, question, seed, path):
+        """Critique k of a generation is final: its node, then its refinements."""
+        nodes[k] = child_node = _node(c)
+        refined = refine_if(c.text)
+        if c.seq is not None and not (extends["refiner"] and refined):
+            engine.release(c.seq)
+        if not refined:
+            child_node["refinements"] = []
+            return
+        ctx = transcript.next_context(context, c.tokens, question, "refiner")
+        engine.submit(_request(2, ctx, n, sampling["refiner"], seed, path,
+                               parent=c.seq if extends["refiner"] else None,
+                               on_done=on_refinements, tag=child_node,
+                               adapter=adapter["refiner"]))
+
+    def on_verdict(req, comps):
+        nodes, k, context, c, kept, question, path = req.tag
+        full = with_verdict(c, kept, lead_ids, comps[0], transcript.layout.verdict)
+        refine(nodes, k, context, full, question, req.seed, path)
+
     def on_verifications(req, comps):
         node, question = req.tag
-        node["verifications"] = []
+        nodes = node["verifications"] = [None] * len(comps)
         for k, c in enumerate(comps):
-            child_node = _node(c)
-            node["verifications"].append(child_node)
-            ctx = transcript.next_context(req.context, c.tokens, question, "refiner")
-            child = _request(2, ctx, n, sampling["refiner"], req.seed, req.path[1:] + (k,),
-                             parent=c.seq if extends["refiner"] else None,
-                             on_done=on_refinements, tag=child_node, adapter=adapter["refiner"])
-            engine.submit(child)
+            path = req.path[1:] + (k,)
+            if not transcript.needs_verdict(c.text):
+                refine(nodes, k, req.context, c, question, req.seed, path)
+                continue
+            kept = transcript.kept_reply(c.tokens)
+            engine.submit(_request(VERDICT_LEVEL, req.context + kept + lead_ids, 1, v_sampling,
+                                   req.seed, path, parent=c.seq, keep=extends["refiner"],
+                                   on_done=on_verdict, adapter=adapter["verifier"],
+                                   tag=(nodes, k, req.context, c, kept, question, path)))
 
     def on_generations(req, comps):
         tree = trees[req.tag]
@@ -207,7 +293,7 @@ def _expand_one_engine(roles, transcript, questions, trees, n, sampling, keys) -
             ctx = transcript.next_context(req.context, c.tokens, tree["question"], "verifier")
             child = _request(1, ctx, n, sampling["verifier"], req.seed, req.path[1:] + (j,),
                              parent=c.seq if extends["verifier"] else None,
-                             keep=extends["refiner"], on_done=on_verifications,
+                             keep=extends["refiner"] or verdicts, on_done=on_verifications,
                              tag=(node, tree["question"]), adapter=adapter["verifier"])
             engine.submit(child)
 
@@ -220,11 +306,12 @@ def _expand_one_engine(roles, transcript, questions, trees, n, sampling, keys) -
     return stats
 
 
-def _expand_per_role(roles, transcript, questions, trees, n, sampling, keys) -> dict:
+def _expand_per_role(roles, transcript, questions, trees, n, sampling, keys,
+                     refine_if) -> dict:
     """Roles on their own engines: each level on its role's engine."""
     totals: dict = {}
 
-    def run(role, level, items):
+    def run(role, level, items, n=n, level_sampling=None):
         """items: (context, path, question, seed); returns completions per item."""
         out = [None] * len(items)
 
@@ -232,7 +319,8 @@ def _expand_per_role(roles, transcript, questions, trees, n, sampling, keys) -> 
             out[req.tag] = comps
 
         engine, adapter = roles[role]
-        reqs = [_request(level, ctx, n, sampling[role], seed, path, on_done=done, tag=i,
+        s = level_sampling or sampling[role]
+        reqs = [_request(level, ctx, n, s, seed, path, on_done=done, tag=i,
                          adapter=adapter) for i, (ctx, path, _, seed) in enumerate(items)]
         stats = engine.run(reqs)
         for k, v in stats.items():
@@ -240,12 +328,33 @@ def _expand_per_role(roles, transcript, questions, trees, n, sampling, keys) -> 
                 totals.get(k, 0) + v
         return out
 
+    def close_verdicts(items, results):
+        """Each critique without a verdict line, with the line appended and its word sampled
+        (one engine run on the verifier's engine)."""
+        todo = [(i, k) for i, comps in enumerate(results) for k, c in enumerate(comps)
+                if transcript.needs_verdict(c.text)]
+        if not todo:
+            return results
+        lead_ids = transcript.verdict_lead()
+        kept = {ik: transcript.kept_reply(results[ik[0]][ik[1]].tokens) for ik in todo}
+        verdicts = run("verifier", VERDICT_LEVEL,
+                       [(items[i][0] + kept[i, k] + lead_ids, items[i][1] + (k,), items[i][2],
+                         items[i][3]) for i, k in todo],
+                       n=1, level_sampling=verdict_sampling(sampling))
+        results = [list(comps) for comps in results]
+        for (i, k), (v,) in zip(todo, verdicts):
+            results[i][k] = with_verdict(results[i][k], kept[i, k], lead_ids, v,
+                                         transcript.layout.verdict)
+        return results
+
     items = [(transcript.generator_context(q), (index,), q, s)
              for q, (s, index) in zip(questions, keys)]
     level_nodes = [t["generations"] for t in trees]
     for level, (role, nxt) in enumerate([("generator", "verifier"), ("verifier", "refiner"),
                                          ("refiner", None)]):
         results = run(role, level, items)
+        if role == "verifier" and transcript.layout.verdict is not None:
+            results = close_verdicts(items, results)
         next_items, next_nodes = [], []
         for (ctx, path, q, s), comps, nodes in zip(items, results, level_nodes):
             for j, c in enumerate(comps):
@@ -253,6 +362,8 @@ def _expand_per_role(roles, transcript, questions, trees, n, sampling, keys) -> 
                 nodes.append(node)
                 if nxt is not None:
                     node["verifications" if nxt == "verifier" else "refinements"] = []
+                    if nxt == "refiner" and not refine_if(c.text):
+                        continue
                     next_items.append((transcript.next_context(ctx, c.tokens, q, nxt),
                                        path + (j,), q, s))
                     next_nodes.append(node["verifications" if nxt == "verifier"

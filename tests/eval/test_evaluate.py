@@ -77,3 +77,16 @@ def test_all_methods_run_with_the_packaged_model(smollm_gguf, tmp_path):
     assert results["methods"]["STaR+MV@3"]["mean"] == results["methods"]["SA+MV@3"]["mean"]
     paths = write_report(results, tmp_path)
     assert "| SA+MV@3 |" in paths["report"].read_text()
+    # one chain record per chain, every critique with a verdict and a score
+    for name in ("MA", "MALT"):
+        recs = [r for q in results["chains"][name]["0"].values() for r in q]
+        assert len(recs) == 6 and all(r["score"] is not None for r in recs)
+        assert results["roles"][name]["verifier"]["scored"] == 6
+    assert "| Pipeline | wrong flagged |" in paths["report"].read_text()
+    # the refiner only under flagged generations: an unflagged chain keeps its generation's
+    flagged = evaluate(test, engine(None), seeds=(0,), questions=2, chains=3,
+                       sampling=sampling, refine="flagged")
+    recs = [r for q in flagged["chains"]["MA"]["0"].values() for r in q]
+    assert all(r["r_correct"] == r["g_correct"] for r in recs if not r["flagged"])
+    assert [r["g_correct"] for r in recs] == \
+        [r["g_correct"] for q in results["chains"]["MA"]["0"].values() for r in q]

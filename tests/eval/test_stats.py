@@ -85,7 +85,7 @@ def test_units_pair_by_seed_and_question():
 
 
 def test_results_round_trip_and_report(tmp_path):
-    results = summarize({"dataset": "arith", "seeds": [0, 1], "questions": 3, "chains": 3,
+    results = summarize({"dataset": "arith", "seeds": [0, 1], "questions": 3, "chains_per_question": 3,
                          "transitions": {"MA": {"wrong_to_right": 1, "right_to_wrong": 2,
                                                 "chains": 18}},
                          "per_question": pq(**{"MA+MV@3": {0: [0, 0, 1], 1: [0, 1, 0]},
@@ -103,7 +103,7 @@ def test_results_round_trip_and_report(tmp_path):
 
 
 def test_table_states_the_smallest_difference_this_size_can_show():
-    results = summarize({"dataset": "arith", "seeds": [0], "questions": 10, "chains": 3,
+    results = summarize({"dataset": "arith", "seeds": [0], "questions": 10, "chains_per_question": 3,
                          "transitions": {},
                          "per_question": pq(**{"MA+MV@3": {0: [0] * 10},
                                                "MALT+MV@3": {0: [1] * 10}})})

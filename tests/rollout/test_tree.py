@@ -152,3 +152,27 @@ def test_per_question_keys_sample_as_separate_calls(smol):
     base, _ = expand_tree(eng, questions, LAYOUT, n=1, sampling=greedy, seed=keys)
     assert texts(got) != texts(base)  # the adapters change the replies
 
+
+def test_refine_if_skips_refinements_and_keeps_the_rest(smol):
+    """refine_if: critiques it rejects get no refinements; the others' refinements are the
+    ones an unrestricted expansion samples (same paths), on one engine and per role."""
+    model, tok = smol
+    sampling = LevelSampling(max_new_tokens=4, temperature=0.0)
+    eng = Engine(model, tok, progress=False)
+    full, _ = expand_tree(eng, QUESTIONS, LAYOUT, n=2, sampling=sampling, seed=2)
+    critiques = sorted({v["text"] for t in full for g in t["generations"]
+                        for v in g["verifications"]})
+    keep = set(critiques[::2])  # some critiques refined, some not
+    assert keep and len(keep) < len(critiques)
+    per_role = {"generator": eng, "verifier": eng, "refiner": Engine(model, tok, progress=False)}
+    for engines in (eng, per_role):
+        got, stats = expand_tree(engines, QUESTIONS, LAYOUT, n=2, sampling=sampling, seed=2,
+                                 refine_if=lambda text: text in keep)
+        for t_got, t_full in zip(got, full):
+            for g_got, g_full in zip(t_got["generations"], t_full["generations"]):
+                for v_got, v_full in zip(g_got["verifications"], g_full["verifications"]):
+                    assert v_got["text"] == v_full["text"]
+                    want = v_full["refinements"] if v_full["text"] in keep else []
+                    assert [r["text"] for r in v_got["refinements"]] == \
+                        [r["text"] for r in want]
+    assert eng.cache.held_blocks == 0  # skipped critiques released their sequences
