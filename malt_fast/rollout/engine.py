@@ -530,6 +530,9 @@ class Engine:
         done = [b for b in active if b.result is not None]
         for b in done:
             self._finish(b)
+        if done:  # the bar counts budgets; a branch that ended early frees the rest of its own
+            self._bar.total -= sum(b.request.max_new_tokens - len(b.tokens) for b in done)
+            self._bar.refresh()
         for b in done:
             group = groups.get(id(b.request))
             if group is None or any(x is None or x.result is None for x in group.branches):

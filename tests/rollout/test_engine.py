@@ -277,3 +277,18 @@ def test_greedy_with_fused_layer_ops(tiny, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), logits.detach(), rtol=1e-4, atol=1e-4)
     assert used[-1]
+
+
+def test_progress_bar_ends_at_its_total(tiny):
+    """The bar's total starts at the budgets and drops by what each branch left unused, so it
+    ends at 100%: the tokens sampled. Every other id is an EOS here, so most branches end
+    well before their budget."""
+    from malt_fast.rollout.engine import Request
+
+    _, ours = tiny
+    eos = list(range(0, ours.config.vocab_size, 2))
+    eng = Engine(ours, None, block_size=4, progress=True, eos_token_ids=eos)
+    stats = eng.run([Request(list(p), 3, 12, SamplingParams(1.0), seed=3, path=(i,))
+                     for i, p in enumerate(PROMPTS[:3])])
+    assert stats["generated_tokens"] < 3 * 3 * 12 // 2
+    assert eng._bar.n == eng._bar.total == stats["generated_tokens"]
