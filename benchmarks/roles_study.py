@@ -1,0 +1,107 @@
+"""The roles study (benchmarks/results/roles.md): credit recipes x tasks, with role diagnostics.
+
+    .venv/bin/python benchmarks/roles_study.py --stage validation --task arith_d1 \
+        --recipes paper correction_flagged --train 24 --heldout 20
+
+Each cell is one `malt-fast run` (expand -> credit -> train -> evaluate) in
+runs/roles/{stage}/{task}/{recipe}/. The questions come from the task's TRAINING split only for
+`--stage validation`: the first `--train` are trained on, the next `--heldout` (disjoint) are
+evaluated, so recipes are chosen without touching the test split; `--stage test` trains on the
+same first questions and evaluates the packaged test split. The recipes of a stage share one
+expansion (the trees do not depend on the credit recipe): the first cell's trees.jsonl is
+copied into the others. Prints each cell's results table and role diagnostics and writes
+runs/roles/{stage}/{task}/summary.json (results.json of every cell: methods, comparisons,
+roles, chains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {  # name -> (dataset, difficulty)
+    "arith_d1": ("arith", 1),
+    "arith_d2": ("arith", 2),
+    "svamp": ("svamp", 1),
+    "asdiv": ("asdiv", 1),
+}
+RECIPES = {  # name -> config overrides
+    "paper": [],
+    "paper_flagged": ["evaluate.refine=flagged"],
+    "correction": ["credit.recipe=correction"],
+    "correction_flagged": ["credit.recipe=correction", "evaluate.refine=flagged"],
+}
+
+
+def write_split_files(task: str, n_train: int, n_heldout: int, stage: str, out: Path) -> dict:
+    """{train: FILE, test: FILE} of the cell's questions (see the module docstring)."""
+    sys.path.insert(0, str(ROOT))
+    from malt_fast.data import load_split
+
+    dataset, difficulty = TASKS[task]
+    train = load_split(dataset, "train", difficulty=difficulty)
+    if len(train) < n_train + n_heldout:
+        raise SystemExit(f"{task}: {len(train)} training questions, need {n_train + n_heldout}")
+    test = train[n_train:n_train + n_heldout] if stage == "validation" else \
+        load_split(dataset, "test", difficulty=difficulty)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, rows in (("train", train[:n_train]), ("test", test)):
+        path = out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": e.id, "dataset": e.dataset,
+                                            "question": e.question, "gold": e.gold,
+                                            **({"choices": e.choices} if e.choices else {})})
+                                + "\n" for e in rows))
+        files[name] = str(path)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=["validation", "test"], default="validation")
+    ap.add_argument("--task", choices=sorted(TASKS), default="arith_d1")
+    ap.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["paper"])
+    ap.add_argument("--train", type=int, default=24, help="training questions")
+    ap.add_argument("--heldout", type=int, default=20, help="validation questions per seed")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], help="more config overrides")
+    args = ap.parse_args()
+
+    root = ROOT / "runs" / "roles" / args.stage / args.task
+    files = write_split_files(args.task, args.train, args.heldout, args.stage, root / "data")
+    questions = args.heldout if args.stage == "validation" else 30
+    summary = {}
+    first = None
+    for recipe in args.recipes:
+        cell = root / recipe
+        if first is not None and not (cell / "trees.jsonl").exists():
+            cell.mkdir(parents=True, exist_ok=True)
+            shutil.copy(first / "trees.jsonl", cell / "trees.jsonl")
+        overrides = [f"run_dir={cell}", f"dataset={json.dumps(files)}",
+                     f"train_questions={args.train}",
+                     f"train.seeds={json.dumps(args.train_seeds)}" if len(args.train_seeds) > 1
+                     else f"seed={args.train_seeds[0]}",
+                     f"evaluate.seeds={json.dumps(args.eval_seeds)}",
+                     f"evaluate.questions={questions}", "evaluate.star=true",
+                     *RECIPES[recipe], *args.set]
+        cmd = [str(ROOT / ".venv" / "bin" / "malt-fast"), "run", str(ROOT / "configs" /
+                                                                      "default.yaml")]
+        for o in overrides:
+            cmd += ["--set", o]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        first = first or cell
+        summary[recipe] = json.loads((cell / "eval" / "results.json").read_text())
+        summary[recipe]["credit"] = json.loads((cell / "data" / "summary.json").read_text())
+    (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"\nwritten: {root / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
