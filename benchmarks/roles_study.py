@@ -9,7 +9,8 @@ runs/roles/{stage}/{task}/{recipe}/. The questions come from the task's TRAINING
 evaluated, so recipes are chosen without touching the test split; `--stage test` trains on the
 same first questions and evaluates the packaged test split. The recipes of a stage share one
 expansion (the trees do not depend on the credit recipe): the first cell's trees.jsonl is
-copied into the others. Prints each cell's results table and role diagnostics and writes
+copied into the others; recipes that differ only in evaluation settings also share the credit
+and training stages (copied with their stage records; the evaluation reruns). Prints each cell's results table and role diagnostics and writes
 runs/roles/{stage}/{task}/summary.json (results.json of every cell: methods, comparisons,
 roles, chains).
 """
@@ -30,11 +31,11 @@ TASKS = {  # name -> (dataset, difficulty)
     "svamp": ("svamp", 1),
     "asdiv": ("asdiv", 1),
 }
-RECIPES = {  # name -> config overrides
-    "paper": [],
-    "paper_flagged": ["evaluate.refine=flagged"],
-    "correction": ["credit.recipe=correction"],
-    "correction_flagged": ["credit.recipe=correction", "evaluate.refine=flagged"],
+RECIPES = {  # name -> (training overrides, evaluation overrides)
+    "paper": ([], []),
+    "paper_flagged": ([], ["evaluate.refine=flagged"]),
+    "correction": (["credit.recipe=correction"], []),
+    "correction_flagged": (["credit.recipe=correction"], ["evaluate.refine=flagged"]),
 }
 
 
@@ -61,6 +62,19 @@ def write_split_files(task: str, n_train: int, n_heldout: int, stage: str, out: 
     return files
 
 
+def share_training(src: Path, cell: Path) -> None:
+    """`src`'s expansion, credit and training (files and stage records) in `cell`: the
+    pipeline then skips them there and runs only the evaluation."""
+    cell.mkdir(parents=True, exist_ok=True)
+    for name in ("trees.jsonl", "metrics.jsonl"):
+        shutil.copy(src / name, cell / name)
+    for name in ("data", "train"):
+        shutil.copytree(src / name, cell / name)
+    stages = json.loads((src / "stages.json").read_text())
+    stages.pop("evaluate", None)
+    (cell / "stages.json").write_text(json.dumps(stages, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["validation", "test"], default="validation")
@@ -77,10 +91,14 @@ def main() -> None:
     files = write_split_files(args.task, args.train, args.heldout, args.stage, root / "data")
     questions = args.heldout if args.stage == "validation" else 30
     summary = {}
-    first = None
+    first, trained = None, {}  # trained: training overrides -> the cell that trained them
     for recipe in args.recipes:
         cell = root / recipe
-        if first is not None and not (cell / "trees.jsonl").exists():
+        train_overrides, eval_overrides = RECIPES[recipe]
+        twin = trained.get(tuple(train_overrides))
+        if twin is not None and not (cell / "train").exists():
+            share_training(twin, cell)
+        elif first is not None and not (cell / "trees.jsonl").exists():
             cell.mkdir(parents=True, exist_ok=True)
             shutil.copy(first / "trees.jsonl", cell / "trees.jsonl")
         overrides = [f"run_dir={cell}", f"dataset={json.dumps(files)}",
@@ -89,7 +107,7 @@ def main() -> None:
                      else f"seed={args.train_seeds[0]}",
                      f"evaluate.seeds={json.dumps(args.eval_seeds)}",
                      f"evaluate.questions={questions}", "evaluate.star=true",
-                     *RECIPES[recipe], *args.set]
+                     *train_overrides, *eval_overrides, *args.set]
         cmd = [str(ROOT / ".venv" / "bin" / "malt-fast"), "run", str(ROOT / "configs" /
                                                                       "default.yaml")]
         for o in overrides:
@@ -97,10 +115,12 @@ def main() -> None:
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         first = first or cell
+        trained.setdefault(tuple(train_overrides), cell)
         summary[recipe] = json.loads((cell / "eval" / "results.json").read_text())
         summary[recipe]["credit"] = json.loads((cell / "data" / "summary.json").read_text())
-    (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\nwritten: {root / 'summary.json'}")
+        # after every cell: a stopped study keeps what it finished
+        (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"\nwritten: {root / 'summary.json'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,8 +110,14 @@ class Transcript:
         return list(context) + list(reply) + self.tok.encode(between)
 
     def needs_verdict(self, critique: str | None) -> bool:
+        """With a layout's verdict: whether the critique lacks a verdict line with a word after
+        its last marker (a reply may end right after "Verdict:")."""
         lead = self.layout.verdict
-        return lead is not None and lead.lower() not in (critique or "").lower()
+        if lead is None:
+            return False
+        text = (critique or "").lower()
+        at = text.rfind(lead.lower())
+        return at < 0 or not any(ch.isalpha() for ch in text[at + len(lead):])
 
     def verdict_lead(self) -> list[int]:
         return self.tok.encode("\n" + self.layout.verdict)

@@ -176,3 +176,16 @@ def test_appended_verdict_line_is_one_reply_scored_from_its_own_logits(smol):
                   for v in g["verifications"]]) for g in t["generations"]] for t in ts]
 
     assert texts(again) == texts(trees)
+
+
+def test_a_verdict_line_is_needed_unless_a_word_follows_the_marker(smol):
+    from malt_fast.rollout.tree import Transcript
+
+    _, tok = smol
+    t = Transcript(tok, RoleLayout(verdict="Verdict:"))
+    assert t.needs_verdict("The sum is right.")
+    assert t.needs_verdict("The sum is right.\nVerdict:")  # the model stopped at the colon
+    assert t.needs_verdict("Verdict: correct. But then\nverdict: **")
+    assert not t.needs_verdict("The sum is right.\nVerdict: correct")
+    assert not t.needs_verdict("**verdict:** Incorrect")
+    assert not Transcript(tok, RoleLayout()).needs_verdict("no verdict asked for")
