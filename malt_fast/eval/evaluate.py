@@ -20,8 +20,9 @@ earliest chain (deterministic); no answers at all counts as wrong.
 
 Besides the accuracies, the results keep every answer: `per_question[method][seed][question id]
 = {answer, correct}` (a majority-vote method: its answer and 1.0 or 0.0; a single-sample method:
-the chains' answers and the fraction that was right), and `comparisons`, the paired statistics of
-the pairs the paper reports (malt_fast.eval.stats).
+the chains' answers and the fraction that was right), `comparisons`, the paired statistics of
+the pairs the paper reports (malt_fast.eval.stats), and for each G->V->R pipeline its chain
+records (`chains`) and what its verifier and refiner did (`roles`, malt_fast.eval.roles).
 """
 
 from __future__ import annotations
