@@ -177,7 +177,8 @@ class SamplingSection(Section):
     top_p: Annotated[Float, Field(gt=0, le=1)] = Field(1.0, description="nucleus sampling")
     top_k: NonNegInt = Field(0, description="top-k sampling (0 = off)")
     stop_after_answer: StrictBool = Field(True, description="the generator's and refiner's "
-                                          "replies end with their `Final Answer:` line")
+                                          "replies end with their `Final Answer:` line, the "
+                                          "verifier's with its `Verdict:` line")
     max_new_tokens: RoleBudgets = Field(default_factory=RoleBudgets, description="token budget "
                                         "per role, or one number for all; a reply that reaches it "
                                         "is cut (`credit.cut_replies`)")

@@ -144,12 +144,18 @@ def test_run_end_to_end_and_rerun_skips(smollm_gguf, tmp_path):
     summary = json.loads((run / "data" / "summary.json").read_text())
     for role, level in zip(ROLES, (nodes_at(trees, 0), nodes_at(trees, 1), nodes_at(trees, 2))):
         for node in level:
+            if role == "verifier":  # the critique, then its appended verdict line and word
+                # (the digit model glues letters to the word: "incorrectx" reads as no verdict)
+                assert "\nVerdict: correct" in node["text"] or \
+                    "\nVerdict: incorrect" in node["text"]
+                assert "verdict" in node and node["finish"] in ("eos", "stop", "length")
+                continue
             assert node["finish"] in ("eos", "length") and 1 <= node["tokens"] <= 6
             assert node["finish"] == "eos" or node["tokens"] == 6  # EOS as 6th token: "eos"
         cut = sum(node["finish"] == "length" for node in level)
         assert summary["roles"][role]["cut"] == cut
         assert summary["roles"][role]["cut_fraction"] == pytest.approx(cut / len(level))
-    assert {n["finish"] for level in range(3) for n in nodes_at(trees, level)} == {"eos", "length"}
+    assert {n["finish"] for level in (0, 2) for n in nodes_at(trees, level)} == {"eos", "length"}
     assert "replies cut by the token budget: generator" in proc.stdout
     assert "trained as open turns" in proc.stdout
     cut_texts = {n["text"] for level in range(3) for n in nodes_at(trees, level)
@@ -392,13 +398,14 @@ def test_combine_seeds_is_one_evaluation_over_all_seeds():
                                   "MALT": {"wrong_to_right": 2, "right_to_wrong": 0, "chains": 12}}
 
 
-def test_stop_after_answer_ends_generator_and_refiner_turns():
+def test_stop_after_answer_ends_each_turn_at_its_answer_or_verdict_line():
     from malt_fast.errors import MaltError
     from malt_fast.malt.expand import level_sampling
     from malt_fast.pipeline import resolve
 
     on = level_sampling(resolve({}))
-    assert [on[r].stop_line for r in ROLES] == [("Final Answer:",), (), ("Final Answer:",)]
+    assert [on[r].stop_line for r in ROLES] == [("Final Answer:",), ("Verdict:",),
+                                                ("Final Answer:",)]
     off = level_sampling(resolve({"sampling": {"stop_after_answer": False}}))
     assert all(off[r].stop_line == () for r in ROLES)
     with pytest.raises(MaltError, match="'sampling.stop_after_answer': expected true or false"):
