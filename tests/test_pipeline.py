@@ -314,8 +314,26 @@ def assert_same_outputs(ref, run):
         a = load_file(run / "train" / "checkpoints" / r / "adapter_model.safetensors")
         b = load_file(ref / "train" / "checkpoints" / r / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r
-    assert json.loads((run / "eval" / "results.json").read_text()) == \
-        json.loads((ref / "eval" / "results.json").read_text())
+    # the verifier's scores are fp32 probabilities whose rounding depends on the decode batch
+    # (a resumed evaluation batches fewer seeds); everything else must be equal
+    assert_equal_but_scores(json.loads((run / "eval" / "results.json").read_text()),
+                            json.loads((ref / "eval" / "results.json").read_text()))
+
+
+def assert_equal_but_scores(got, want, where="results"):
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            if k in ("score", "auroc") and want[k] is not None:
+                assert got[k] == pytest.approx(want[k], abs=1e-4), f"{where}.{k}"
+            else:
+                assert_equal_but_scores(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_equal_but_scores(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, where
 
 
 @pytest.mark.parametrize("stage", list(KILL_POINTS))
