@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from malt_fast.eval.roles import roles_table
+from malt_fast.eval.roles import iter_records, gated_accuracy, roles_table, tune_threshold
 from malt_fast.eval.stats import compare, significant
 
 
@@ -54,10 +54,41 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def score_gate(validation: dict, test: dict) -> str:
+    """A flag by the verifier's score instead of its sampled verdict: the threshold tuned on
+    each recipe's validation chains, applied to its test chains (both refined always)."""
+    lines = ["| recipe | pipeline | threshold (validation) | validation: generator / always / "
+             "gated | test: generator / always / gated | test chains above it: wrong / all | "
+             "their wrong → right / right → wrong |", "| --- | --- | ---: | --- | --- | --- | --- |"]
+    for recipe in validation.keys() & test.keys():
+        for pipeline, val in validation[recipe]["chains"].items():
+            tst, t = test[recipe]["chains"][pipeline], tune_threshold(val)
+            if t is None:
+                continue
+            above = [r for _, _, recs in iter_records(tst) for r in recs
+                     if r["score"] is not None and r["score"] > t]
+            acc = lambda c, th: f"{100 * gated_accuracy(c, th):.1f}"  # noqa: E731
+            lines.append(
+                f"| {recipe} | {pipeline} | {t:.3f} | {acc(val, float('inf'))} / "
+                f"{acc(val, -1.0)} / {acc(val, t)} | {acc(tst, float('inf'))} / "
+                f"{acc(tst, -1.0)} / {acc(tst, t)} | "
+                f"{sum(not r['g_correct'] for r in above)} / {len(above)} | "
+                f"{sum(r['r_correct'] and not r['g_correct'] for r in above)} / "
+                f"{sum(r['g_correct'] and not r['r_correct'] for r in above)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("summary", type=Path)
-    print(report(json.loads(ap.parse_args().summary.read_text())))
+    ap.add_argument("--threshold-from", type=Path, metavar="VALIDATION_SUMMARY",
+                    help="also tune a score threshold on this validation summary and apply it "
+                         "to SUMMARY's chains (single-chain accuracy, %%)")
+    args = ap.parse_args()
+    summary = json.loads(args.summary.read_text())
+    print(report(summary))
+    if args.threshold_from:
+        print("\n" + score_gate(json.loads(args.threshold_from.read_text()), summary))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ TASKS = {  # name -> (dataset, difficulty)
     "svamp": ("svamp", 1),
     "asdiv": ("asdiv", 1),
 }
+# packaged with a test split only: carved in two halves, the first trained and validated on
+TEST_ONLY = {"svamp", "asdiv"}
 RECIPES = {  # name -> (training overrides, evaluation overrides)
     "paper": ([], []),
     "paper_flagged": ([], ["evaluate.refine=flagged"]),
@@ -45,11 +47,19 @@ def write_split_files(task: str, n_train: int, n_heldout: int, stage: str, out: 
     from malt_fast.data import load_split
 
     dataset, difficulty = TASKS[task]
-    train = load_split(dataset, "train", difficulty=difficulty)
+    if dataset in TEST_ONLY:  # carved: the first half is the training pool, the second the test
+        rows = load_split(dataset, "test", difficulty=difficulty)
+        train, held_test = rows[:len(rows) // 2], rows[len(rows) // 2:]
+    else:
+        train = load_split(dataset, "train", difficulty=difficulty)
+        held_test = None
     if len(train) < n_train + n_heldout:
         raise SystemExit(f"{task}: {len(train)} training questions, need {n_train + n_heldout}")
-    test = train[n_train:n_train + n_heldout] if stage == "validation" else \
-        load_split(dataset, "test", difficulty=difficulty)
+    if stage == "validation":
+        test = train[n_train:n_train + n_heldout]
+    else:
+        test = held_test if held_test is not None else \
+            load_split(dataset, "test", difficulty=difficulty)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, rows in (("train", train[:n_train]), ("test", test)):

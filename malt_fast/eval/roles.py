@@ -48,7 +48,7 @@ def auroc(wrong: list[float], right: list[float]) -> float | None:
     return u / (len(wrong) * len(right))
 
 
-def _records(chains: dict):
+def iter_records(chains: dict):
     """Every (seed, question id, chain records) of one pipeline, in a fixed order."""
     for seed, questions in sorted(chains.items()):
         for qid, records in sorted(questions.items()):
@@ -57,7 +57,7 @@ def _records(chains: dict):
 
 def role_stats(chains: dict) -> dict:
     """`{"verifier": {...}, "refiner": {...}}` of one pipeline's chain records."""
-    recs = [r for _, _, records in _records(chains) for r in records]
+    recs = [r for _, _, records in iter_records(chains) for r in records]
     wrong = [r for r in recs if not r["g_correct"]]
     right = [r for r in recs if r["g_correct"]]
     scored_wrong = [r["score"] for r in wrong if r["score"] is not None]
@@ -79,7 +79,7 @@ def refiner_net(chains: dict, resamples: int = 10_000, seed: int = 0) -> dict | 
     r_correct - g_correct, in points, with a paired bootstrap interval and the sign test over
     the units where it is not 0. None without chains."""
     diffs = [sum(r["r_correct"] - r["g_correct"] for r in records) / len(records)
-             for _, _, records in _records(chains) if records]
+             for _, _, records in iter_records(chains) if records]
     if not diffs:
         return None
     lo, hi = paired_bootstrap(diffs, resamples, seed)
@@ -87,6 +87,31 @@ def refiner_net(chains: dict, resamples: int = 10_000, seed: int = 0) -> dict | 
     return {"diff": 100 * sum(diffs) / len(diffs), "ci_low": 100 * lo, "ci_high": 100 * hi,
             "p": sign_test(wins, losses), "only_a": wins, "only_b": losses,
             "units": len(diffs)}
+
+
+def gated_accuracy(chains: dict, threshold: float) -> float | None:
+    """Single-chain accuracy had the refiner rewritten only the generations whose score is
+    above `threshold` (the others keep the generator's answer), read from chains where the
+    refiner rewrote every generation: its reply does not depend on the gate. None without
+    chains."""
+    recs = [r for _, _, records in iter_records(chains) for r in records]
+    if not recs:
+        return None
+    kept = sum(r["r_correct"] if r["score"] is not None and r["score"] > threshold
+               else r["g_correct"] for r in recs)
+    return kept / len(recs)
+
+
+def tune_threshold(chains: dict) -> float | None:
+    """The score threshold that maximises gated_accuracy on `chains` (a validation split's),
+    among "refine nothing" (+inf) and every observed score; ties go to the higher threshold,
+    which refines less. None without scores."""
+    scores = sorted({r["score"] for _, _, records in iter_records(chains) for r in records
+                     if r["score"] is not None})
+    if not scores:
+        return None
+    candidates = [float("inf")] + scores[::-1]
+    return max(candidates, key=lambda t: gated_accuracy(chains, t))  # first max: highest t
 
 
 def roles_of(all_chains: dict) -> dict:

@@ -81,3 +81,25 @@ def test_results_roles_follow_the_chains_through_merges():
     assert merged["roles"]["MA"] == role_stats(CHAINS)
     line = format_roles(merged["roles"])
     assert "wrong 2/4 (50%)" in line and "right 1/5 (20%)" in line and "AUROC 0.89" in line
+
+
+def test_gated_accuracy_and_tuned_threshold_by_hand():
+    from malt_fast.eval.roles import gated_accuracy, tune_threshold
+
+    rec = chain_record
+    chains = {"0": {"q1": [rec(False, False, 0.9, True),    # a fix, high score
+                           rec(True, False, 0.6, False),    # a break, mid score
+                           rec(True, False, 0.1, True)],
+                    "q2": [rec(False, False, 0.4, False),
+                           rec(True, False, None, False)]}}  # no score: never refined
+    # refine nothing: the generator's answers, 3/5
+    assert gated_accuracy(chains, float("inf")) == 3 / 5
+    # refine only the 0.9 chain: its fix counts, 4/5
+    assert gated_accuracy(chains, 0.6) == 4 / 5
+    # refine 0.9 and 0.6: the break cancels the fix
+    assert gated_accuracy(chains, 0.4) == 3 / 5
+    # refine every scored chain
+    assert gated_accuracy(chains, -1.0) == 3 / 5
+    # the best is 4/5, reached for every t in [0.6, 0.9); the highest candidate is 0.6
+    assert tune_threshold(chains) == 0.6
+    assert gated_accuracy({}, 0.5) is None and tune_threshold({}) is None
