@@ -37,6 +37,7 @@ def measure(path: Path, questions: int, threads: int, log, cache_tokens: int) ->
 
     from malt_fast.cli import load_config
     from malt_fast.pipeline import Run, resolve
+    from malt_fast.pipeline.expand import expand
 
     raw = load_config(path, [])
     model = raw.get("model")
@@ -54,7 +55,7 @@ def measure(path: Path, questions: int, threads: int, log, cache_tokens: int) ->
         cfg = resolve(raw, str(path))
         run = Run(cfg, log=log)
         t0 = time.perf_counter()
-        trees = [json.loads(line) for line in open(run.expand())]
+        trees = [json.loads(line) for line in open(expand(run))]
         wall = time.perf_counter() - t0
     levels = {"generator": [g for t in trees for g in t["generations"]]}
     levels["verifier"] = [v for g in levels["generator"] for v in g["verifications"]]
@@ -71,7 +72,7 @@ def measure(path: Path, questions: int, threads: int, log, cache_tokens: int) ->
                        "max": max(done, default=None)}
     return {"config": str(path), "dataset": cfg["dataset"], "questions": len(trees),
             "model": "packaged SmolLM2-135M-Instruct" if cfg["model"] is None else cfg["model"],
-            "substituted": substituted, "dtype": str(run.placement()[0]).replace("torch.", ""),
+            "substituted": substituted, "dtype": str(run.models.placement()[0]).replace("torch.", ""),
             "temperature": cfg["sampling"]["temperature"], "wall_s": wall, "roles": roles,
             "torch": torch.__version__}
 

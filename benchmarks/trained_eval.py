@@ -36,11 +36,12 @@ import torch
 def setup(config: Path, dtype: str):
     from malt_fast.config import read_yaml
     from malt_fast.pipeline import Run, resolve
+    from malt_fast.pipeline.train import checkpoints, training_seeds
 
     cfg = resolve(read_yaml(config, [f"dtype={dtype}"]), source=str(config))
     run = Run(cfg, log=lambda *a: None)
-    ckpt = run.checkpoints(run.training_seeds()[-1])
-    loaded = run.use_roles(ckpt) if ckpt.is_dir() else []
+    ckpt = checkpoints(run, training_seeds(run)[-1])
+    loaded = run.models.use_roles(ckpt) if ckpt.is_dir() else []
     if not {"generator", "verifier", "refiner"} <= set(loaded):
         raise SystemExit(f"{ckpt}: needs the three roles' adapters, found {loaded} (run "
                          f"`malt-fast run {config}` first)")
@@ -71,11 +72,12 @@ def engines_for(run, way: str, max_batch: int, cache_tokens: int):
 
     roles = ("generator", "verifier", "refiner")
     kw = dict(max_batch=max_batch, cache_tokens=cache_tokens, progress=False)
+    model, tok = run.models.model, run.models.tok
     if way in ("a", "b"):
-        return {r: Engine(merged_model(run.model, r), run.tok, prefix_reuse=way == "b", **kw)
+        return {r: Engine(merged_model(model, r), tok, prefix_reuse=way == "b", **kw)
                 for r in roles}
-    view = MultiAdapterView(run.model, [None, *roles], max_rows=max(1024, max_batch))
-    eng = Engine(view, run.tok, prefix_reuse=way == "c", **kw)
+    view = MultiAdapterView(model, [None, *roles], max_rows=max(1024, max_batch))
+    eng = Engine(view, tok, prefix_reuse=way == "c", **kw)
     return {r: (eng, r) for r in roles}
 
 
@@ -84,7 +86,7 @@ def prefill_floor(run, trees_and_questions, layout) -> int:
     role, the distinct prefixes of all its requests' contexts (a token trie's size)."""
     from malt_fast.rollout.tree import Transcript
 
-    transcript = Transcript(run.tok, layout)
+    transcript = Transcript(run.models.tok, layout)
     tries = {r: {} for r in ("generator", "verifier", "refiner")}
     size = 0
     for tree, q in trees_and_questions:
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     run = setup(args.config, args.dtype)
     per_seed, layout = chain_questions(run, args.questions)
     n_chains = sum(len(q) for q, _ in per_seed.values())
-    dtype = next(run.model.parameters()).dtype
+    dtype = next(run.models.model.parameters()).dtype
     print(f"{n_chains} chains ({len(per_seed)} seeds), {dtype}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     # warm-up: first matmuls of each shape build oneDNN kernels

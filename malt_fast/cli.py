@@ -143,25 +143,28 @@ def cmd_profile(args) -> None:
 def cmd_expand(args) -> None:
     """Expand the configured training questions into RUN_DIR/trees.jsonl (resumable)."""
     from malt_fast.pipeline import Run
+    from malt_fast.pipeline.expand import expand
+    from malt_fast.pipeline.rounds import start_round
 
     run = Run(run_config(args), log=stage_log(), round=args.round or 1)
     if args.restart:
         run.restart("expand")
-    run.start_round()  # round >= 2 expands with the previous round's adapters
-    run.log(run.expand())
+    start_round(run)  # round >= 2 expands with the previous round's adapters
+    run.log(expand(run))
 
 
 def cmd_evaluate(args) -> None:
     """SA, SA+MV@3, MA, MA+MV@3 (and MALT with the roles trained in RUN_DIR) over seeds."""
     from malt_fast.eval.evaluate import format_table
     from malt_fast.pipeline import Run
+    from malt_fast.pipeline.evaluate import base_results, evaluate
+    from malt_fast.pipeline.train import load_trained
 
     cfg = run_config(args)
     run = Run(cfg, log=stage_log(), round=args.round or cfg["rounds"])
     if args.restart:
         run.restart("evaluate")
-    run.log(format_table(run.evaluate(trained=run.load_trained(),
-                                      base=run.base_results())))
+    run.log(format_table(evaluate(run, trained=load_trained(run), base=base_results(run))))
     run.log(f"report: {run.dir / 'eval' / 'report.md'}")
 
 

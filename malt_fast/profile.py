@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import platform
 import resource
@@ -38,6 +37,7 @@ import torch
 from torch.profiler import record_function
 
 from malt_fast.errors import MaltError
+from malt_fast.phases import collecting
 
 # (key, label in the table); the trace range of each is "malt/<key>"
 PHASES = (("load", "model + tokenizer loading"), ("prefill", "prefill"), ("decode", "decode"),
@@ -175,12 +175,15 @@ class Profiler:
             self._record_ops(self._ops[-1])
 
     @contextlib.contextmanager
-    def phase(self, name: str, absorb: bool = False):
+    def phase(self, name: str, model=None, absorb: bool = False):
         """Time `name` (exclusive of nested phases) inside a `malt/<name>` trace range.
-        absorb=True keeps nested phases' time and tokens in this one (evaluation)."""
+        absorb=True keeps nested phases' time and tokens in this one (evaluation). Yields
+        what counts the phase's work (malt_fast.phases.phase)."""
+        if model is not None:
+            self.see_model(model)
         with self.range(name):
             if any(f.absorb for f in self.stack):
-                yield
+                yield self
                 return
             self._sync()
             if self.cuda:  # the allocator has one peak counter: save the parent's, then reset
@@ -190,7 +193,7 @@ class Profiler:
             frame = _Frame(name, absorb, time.perf_counter())
             self.stack.append(frame)
             try:
-                yield
+                yield self
             finally:
                 self._sync()
                 self.stack.pop()
@@ -203,13 +206,14 @@ class Profiler:
                     self.stack[-1].child_s += dt
                     self.stack[-1].peak = max(self.stack[-1].peak, frame.peak)
 
-    def count(self, tokens: int = 0, flops: float = 0.0, calls: int = 1) -> None:
-        """Work done by the innermost timed phase (the absorbing one, inside evaluation)."""
+    def count(self, tokens: int = 0, kind: str | None = None, calls: int = 1) -> None:
+        """Work done by the innermost timed phase (the absorbing one, inside evaluation):
+        `tokens` of model work of `kind` (see flops_per_token; None: no FLOPs)."""
         if not self.stack:
             return
         st = self.stats[self.stack[-1].name]
         st.tokens += int(tokens)
-        st.flops += float(flops)
+        st.flops += float(tokens) * self.flops_per_token(kind) if kind else 0.0
         st.calls += calls
 
     def see_model(self, model) -> None:
@@ -313,9 +317,8 @@ def write_profile(rep: dict, out_dir: Path, trace: Path | None) -> Path:
 
 @contextlib.contextmanager
 def instrumented(prof: Profiler, log=print):
-    """Wrap the methods where phases happen for the duration of the block (see the module
-    docstring); a method that is missing (renamed) is reported and left out, never fatal."""
-    from malt_fast.pipeline import Run
+    """Collect every phase marked at its call site (malt_fast.phases) into `prof` for the
+    duration of the block."""
     from malt_fast.rollout.engine import Engine
     import malt_fast.train.trainer as trainer_mod
 
@@ -333,12 +336,10 @@ def instrumented(prof: Profiler, log=print):
     def prefill(orig):
         @functools.wraps(orig)
         def wrapped(self, *args, **kwargs):
-            prof.see_model(self.model)
             before = self.stats["prefill_tokens"]
-            with prof.phase("prefill"):
+            with prof.phase("prefill", self.model):
                 out = orig(self, *args, **kwargs)
-                n = self.stats["prefill_tokens"] - before
-                prof.count(n, n * prof.flops_per_token("prefill"))
+                prof.count(self.stats["prefill_tokens"] - before, "prefill")
             return out
         return wrapped
 
@@ -348,8 +349,7 @@ def instrumented(prof: Profiler, log=print):
             before = self.stats["generated_tokens"]
             with prof.phase("decode"):
                 out = orig(self, *args, **kwargs)
-                n = self.stats["generated_tokens"] - before
-                prof.count(n, n * prof.flops_per_token("forward"))
+                prof.count(self.stats["generated_tokens"] - before, "forward")
             return out
         return wrapped
 
@@ -372,21 +372,13 @@ def instrumented(prof: Profiler, log=print):
                 gen.close()
         return wrapped
 
-    def whole_phase(orig):  # trainers that run a phase in one call
-        @functools.wraps(orig)
-        def wrapped(self, role, phase, *args, **kwargs):
-            prof.see_model(self.model)
-            with prof.phase(phase):
-                return orig(self, role, phase, *args, **kwargs)
-        return wrapped
-
     def metrics(orig):
         @functools.wraps(orig)
         def wrapped(self, rec, *args, **kwargs):
             if isinstance(rec, dict) and rec.get("phase") in ("sft", "dpo"):
                 n = rec.get("model_tokens", rec.get("tokens", 0)) or 0
                 full = getattr(getattr(self, "cfg", None), "finetune", "lora") == "full"
-                prof.count(n, n * prof.flops_per_token("train_full" if full else "train"))
+                prof.count(n, "train_full" if full else "train")
             return orig(self, rec, *args, **kwargs)
         return wrapped
 
@@ -399,57 +391,18 @@ def instrumented(prof: Profiler, log=print):
                     n = sum(len(p) + len(c) for pair in pairs for p, c in pair)
                 except (TypeError, ValueError):
                     n = 0
-                prof.count(n, n * prof.flops_per_token("forward"))
+                prof.count(n, "forward")
             return out
         return wrapped
 
-    def stage(name, absorb=False):
-        def make(orig):
-            @functools.wraps(orig)
-            def wrapped(*args, **kwargs):
-                with prof.phase(name, absorb=absorb):
-                    return orig(*args, **kwargs)
-            return wrapped
-        return make
-
-    def loading(attr):  # Run.model / Run.tok: lazy properties; time only the first access
-        def make(prop):
-            @functools.wraps(prop.fget)
-            def fget(self):
-                if getattr(self.models, attr) is not None:
-                    return prop.fget(self)
-                with prof.phase("load"):
-                    prof.count(calls=1)
-                    return prop.fget(self)
-            return property(fget)
-        return make
-
-    def span(name):  # a container range in the trace, not a phase of its own
-        def make(orig):
-            @functools.wraps(orig)
-            def wrapped(*args, **kwargs):
-                with prof.range(name, limited=False):
-                    return orig(*args, **kwargs)
-            return wrapped
-        return make
-
     patch(Engine, "_prefill", prefill)
     patch(Engine, "_decode_step", decode)
-    steps_fn = trainer_mod.Trainer.__dict__.get("phase_steps")
-    if steps_fn is not None and inspect.isgeneratorfunction(steps_fn):
-        patch(trainer_mod.Trainer, "phase_steps", steps)
-    else:
-        patch(trainer_mod.Trainer, "train_phase", whole_phase)
+    patch(trainer_mod.Trainer, "phase_steps", steps)
     patch(trainer_mod.Trainer, "write_metrics", metrics)
     patch(trainer_mod, "reference_logprobs", reference)
-    patch(Run, "model", loading("model"))
-    patch(Run, "tok", loading("tok"))
-    patch(Run, "expand", span("expand"))
-    patch(Run, "train", span("train"))
-    patch(Run, "credit", stage("credit"))
-    patch(Run, "evaluate", stage("evaluate", absorb=True))
     try:
-        yield prof
+        with collecting(prof):
+            yield prof
     finally:
         for owner, name, orig in reversed(patches):
             setattr(owner, name, orig)

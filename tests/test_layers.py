@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # rank of each top-level part; a module may import its own rank or lower ones
-RANKS = {"errors": 0, "config": 0, "data": 1, "kernels": 1, "model": 2, "rollout": 3, "malt": 4,
+RANKS = {"errors": 0, "config": 0, "phases": 0, "data": 1, "kernels": 1, "model": 2, "rollout": 3, "malt": 4,
          "train": 4, "eval": 5, "pipeline": 6, "profile": 7, "cli": 8}
 
 

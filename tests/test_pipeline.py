@@ -376,7 +376,7 @@ def test_bad_config(tmp_path):
 
 def test_combine_seeds_is_one_evaluation_over_all_seeds():
     from malt_fast.eval.evaluate import mean_std
-    from malt_fast.pipeline import combine_seeds
+    from malt_fast.pipeline.evaluate import combine_seeds
 
     def qs(seed, correct):  # two questions per seed, the given correctness each
         return {str(seed): {f"q{seed}-{k}": {"answer": "1", "correct": c}

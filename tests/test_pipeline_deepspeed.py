@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import malt_fast.pipeline as pipeline_mod
+import malt_fast.pipeline.train as train_stage
 from malt_fast.model import load_model, load_tokenizer
-from malt_fast.pipeline import run_pipeline, train_config
+from malt_fast.config import train_config
+from malt_fast.pipeline import run_pipeline
 from malt_fast.train.trainer import Trainer
 from test_pipeline import fast_tokenizer  # noqa: F401  (a fixture)
 from test_pipeline import ROLES
@@ -46,7 +47,7 @@ def test_run_trains_under_torchrun(assets, fast_tokenizer, tmp_path, monkeypatch
         launches.append(cmd)
         return real_run(cmd, timeout=300, **kwargs)
 
-    monkeypatch.setattr(pipeline_mod.subprocess, "run", launch)
+    monkeypatch.setattr(train_stage.subprocess, "run", launch)
     results = run_pipeline(cfg, log=lambda *a: None)
 
     run = tmp_path / "run"

@@ -15,6 +15,7 @@ from malt_fast.model import load_model
 from malt_fast.model.lora import (AdapterView, MultiAdapterView, adapter_state_dict, load_adapter,
                                   merged_model)
 from malt_fast.pipeline import Run, resolve, run_pipeline
+from malt_fast.pipeline.train import load_trained
 from malt_fast.train.trainer import Trainer
 from test_pipeline import fast_tokenizer  # noqa: F401  (a fixture)
 from test_pipeline import ROLES
@@ -130,7 +131,7 @@ def test_full_finetune_two_rounds(assets, fast_tokenizer, tmp_path, monkeypatch,
 
     # a standalone evaluation (a new process: nothing in memory) finds the same models
     fresh = Run(cfg, log=lambda *a: None, round=2)
-    assert fresh.load_trained()
+    assert load_trained(fresh)
     assert all(same(fresh.models.roles[r].state_dict(), exported[2][r]) for r in ROLES)
 
 
@@ -173,5 +174,5 @@ def test_subset_of_roles_evaluates_trained_and_base(assets, fast_tokenizer, tmp_
     # the standalone evaluation used to require all three roles' adapters and then left the
     # trained pipeline out; it loads the trained verifier and the base for the others
     fresh = Run(cfg, log=lambda *a: None)
-    assert fresh.load_trained()
-    check({r: weights_of(e) for r, e in fresh.role_engines().items()})
+    assert load_trained(fresh)
+    check({r: weights_of(e) for r, e in fresh.models.role_engines().items()})

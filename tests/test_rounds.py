@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import malt_fast.malt.expand as expand_mod
 from malt_fast.errors import MaltError
 from malt_fast.model.lora import adapter_state_dict
-from malt_fast.pipeline import resolve, round_thetas, run_pipeline
+from malt_fast.config import round_thetas
+from malt_fast.pipeline import resolve, run_pipeline
 from malt_fast.rollout import Engine
 from test_pipeline import fast_tokenizer  # noqa: F401  (a fixture)
 from test_pipeline import ROLES, digit_model, malt, ones_dataset
