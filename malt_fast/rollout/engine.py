@@ -188,7 +188,7 @@ class Engine:
         self._check_adapters(requests)
         # a run's outputs depend on its own requests only, not on what earlier runs cached
         # (a resumed or sharded expansion then equals an uninterrupted one bit for bit)
-        self.cache.clear_index()
+        self.cache.index.clear()
         self._waiting = deque(requests)
         self.stats = self._zero_stats()
         t0 = time.perf_counter()
@@ -312,7 +312,7 @@ class Engine:
         if not prefixes or req.parent is not None:
             return False
         c = self.cache
-        cached = c.matched(c.lookup(req.context, req.adapter), req.context)
+        cached = c.index.match(req.context, req.adapter)[1]
         k = (cached // c.block_size + 1) * c.block_size
         return k < len(req.context) and (req.adapter, tuple(req.context[:k])) in prefixes
 
@@ -321,10 +321,8 @@ class Engine:
             return len(req.context)
         if req.parent is not None:
             return len(req.context) - self.cache.length(req.parent)
-        c = self.cache
-        limit = len(req.context) - 1
-        return len(req.context) - c.matched(c.lookup(req.context, req.adapter, limit),
-                                            req.context, limit)
+        return len(req.context) - self.cache.index.match(req.context, req.adapter,
+                                                         len(req.context) - 1)[1]
 
     def _prefill(self, reqs: list[Request], groups: dict[int, _Group]) -> list[_Branch]:
         """One forward over every row the chosen requests need, then their first tokens."""
