@@ -72,7 +72,8 @@ DECODE_BACKENDS = {"torch": reference_decode_attention, "cpp": cpp_decode_attent
 
 
 class PagedKVCache:
-    """Block pool for every layer of one model plus the bookkeeping of the sequences in it.
+    """Keys and values of every layer of one model in the pool's blocks, and the block table of
+    each sequence in it.
 
     `peak_used` is the most blocks sequences held at once (cached prefixes nobody holds are not
     counted: the pool fills up with them and gives them back on demand).
