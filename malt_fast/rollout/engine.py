@@ -1,17 +1,17 @@
-"""Batched sampling over the paged cache with continuous batching.
+"""Batched sampling over the paged cache with continuous batching: the model's side.
 
-Work arrives as `Request`s: a context (token ids), n branches to sample after it, a budget, stop
-strings, and optionally a sequence already in the cache that holds a prefix of the context. The
-loop admits requests while decode slots and cache blocks allow, prefills what the cache lacks
-(once per request, then forks the n branches), and decodes every live branch one token per step.
-A branch that ends frees its slot at once and the next waiting request takes it.
+A `Scheduler` (scheduler.py) decides which requests start and when; the engine runs what it
+decides. Each loop turn: one prefill forward for the requests just admitted (every branch's first
+token sampled from its row's logits), then one decode step of every live branch. A branch that
+ends frees its slot at once and the next waiting request takes it.
 
 With prefix reuse (the default) the cache keeps, for the length of a `run`, every prefilled
 context and finished reply in its prefix index, keyed by the request's `adapter` (its weights)
 and its tokens, and a request starts from the longest cached prefix computed with the same
-weights: only the rest is prefilled. A request sharing a longer prefix with one prefilled in the same call waits for the
-next call, so it finds that prefix cached. An engine on a `MultiAdapterView` decodes rows of
-different adapters in one batch (`model.route` before every forward).
+weights: only the rest is prefilled. A request sharing a longer prefix with one prefilled in the
+same call waits for the next call, so it finds that prefix cached. An engine on a
+`MultiAdapterView` decodes rows of different adapters in one batch (`model.route` before every
+forward).
 
 Completions include the EOS token when the model emitted one (as `transformers.generate` does);
 a completion cut by a stop string excludes the stop string and has no EOS. A request's
@@ -19,78 +19,25 @@ a completion cut by a stop string excludes the stop string and has no EOS. A req
 Answer:": the answer line is the reply's last), the line break excluded; both finish as "stop".
 
 A request's `first_token_ids` restrict its first token to those ids (the model's distribution
-renormalized over them). A request's `probe` token ids are scored at every sampled token: their probabilities under the
-model's distribution at temperature 1, from the very logits row the token was drawn from (e.g.
-the verifier's probability of " incorrect" where it wrote its verdict). Only rows of requests
-with a probe compute them, and sampling does not change.
+renormalized over them). A request's `probe` token ids are scored at every sampled token: their
+probabilities under the model's distribution at temperature 1, from the very logits row the
+token was drawn from (e.g. the verifier's probability of " incorrect" where it wrote its
+verdict). Only rows of requests with a probe compute them, and sampling does not change.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from malt_fast.errors import MaltError
 from malt_fast.rollout.cuda_graphs import DecodeGraphs, step_token_ids
-from malt_fast.rollout.paged_cache import CacheFull, PagedKVCache
-from malt_fast.rollout.sampling import (BranchRandom, SamplingParams, branch_generator, row_inputs,
-                                        sample, sample_rows)
-
-
-@dataclass
-class Request:
-    context: list[int]
-    n: int
-    max_new_tokens: int
-    params: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-    seed: int = 0
-    path: tuple[int, ...] = ()  # branch j draws from branch_generator(seed, *path, j)
-    parent: int | None = None  # cache sequence holding a prefix of `context`; the request owns it
-    keep: bool = False  # leave each finished branch's sequence in the cache (for children)
-    on_done: Callable[["Request", list["Completion"]], None] | None = None
-    tag: Any = None  # the caller's data, handed back untouched through on_done
-    stop_line: tuple[str, ...] = ()  # the reply ends with the first line holding one of these
-    adapter: str | None = None  # the weights: an adapter of the engine's MultiAdapterView
-    probe: tuple[int, ...] = ()  # token ids whose temperature-1 probabilities each token records
-    # the first token is drawn among these ids only (the model's distribution renormalized over
-    # them, e.g. a verdict word after "Verdict:"); probes still see the whole distribution
-    first_token_ids: tuple[int, ...] = ()
-
-
-@dataclass
-class Completion:
-    tokens: list[int]
-    finish: str  # "eos" | "stop" | "length"
-    text: str | None = None  # exact text (cut at the stop string) when a tokenizer is present
-    seq: int | None = None  # cache sequence (context + tokens, or a prefix of it) when kept
-    # with a probe: per token, the probe ids' probabilities where it was sampled (a tuple), or
-    # None for a token that was not sampled (re-encoded by a stop cut); None without a probe
-    probes: list | None = None
-
-
-@dataclass
-class _Branch:
-    request: Request
-    index: int
-    seq: int
-    random: BranchRandom
-    tokens: list[int] = field(default_factory=list)
-    probes: list[tuple[float, ...]] = field(default_factory=list)  # per token, with a probe
-    result: Completion | None = None
-    unchanged: int | None = None  # leading sampled tokens a stop-string cut left as they were
-    row: int | None = None  # its row in the last launched decode step (None: not in one yet)
-
-
-@dataclass
-class _Group:
-    request: Request
-    branches: list[_Branch]
+from malt_fast.rollout.paged_cache import PagedKVCache
+from malt_fast.rollout.sampling import SamplingParams, row_inputs, sample, sample_rows
+from malt_fast.rollout.scheduler import Branch, Completion, Request, Scheduler
 
 
 class _Staging:
@@ -110,7 +57,7 @@ class _Staging:
 @dataclass
 class _Step:
     """A launched decode step whose sampled tokens have not been read yet."""
-    branches: list[_Branch]
+    branches: list[Branch]
     staging: _Staging
     probes: torch.Tensor | None = None  # [rows with a probe, longest probe] on the host
 
@@ -154,6 +101,7 @@ class Engine:
             eos_token_ids += [e for e in model.config.eos_token_ids if e not in eos_token_ids]
         self.eos = set(eos_token_ids)
         self._route = getattr(model, "route", None)
+        self.scheduler: Scheduler | None = None  # the running call's
         self.stats = self._zero_stats()
         self.last_stats: dict = {}
 
@@ -188,25 +136,28 @@ class Engine:
         self._check_adapters(requests)
         # a run's outputs depend on its own requests only, not on what earlier runs cached
         # (a resumed or sharded expansion then equals an uninterrupted one bit for bit)
-        self.cache.clear_index()
-        self._waiting = deque(requests)
+        self.cache.index.clear()
+        self.scheduler = sched = Scheduler(self.cache, requests, max_batch=self.max_batch,
+                                           max_prefill_tokens=self.max_prefill_tokens,
+                                           prefix_reuse=self.prefix_reuse)
         self.stats = self._zero_stats()
         t0 = time.perf_counter()
         total = sum(r.n * r.max_new_tokens for r in requests)
         with torch.inference_mode(), tqdm(total=total, unit="tok", disable=not self.progress,
                                           desc="rollout", dynamic_ncols=True) as bar:
             self._bar = bar
-            active: list[_Branch] = []
-            groups: dict[int, _Group] = {}
             inflight: _Step | None = None
             # step t is launched before step t-1's tokens are read, so the host's bookkeeping
             # overlaps the device's work; a branch that step t-1 ends runs one wasted row in t
-            while self._waiting or active or inflight is not None:
-                if self._waiting:
-                    # a branch's first token (sampled at prefill) may already end it
-                    active = self._retire(active + self._admit(active, groups), groups)
-                inflight = self._decode_step(active, inflight)
-                active = self._retire(active, groups)
+            while sched.waiting or sched.running or inflight is not None:
+                if sched.waiting and (reqs := sched.admit()):
+                    t = time.perf_counter()
+                    self._prefill(reqs)
+                    self.stats["prefill_calls"] += 1
+                    self.stats["prefill_s"] += time.perf_counter() - t
+                    self._retire()  # a branch's first token (sampled at prefill) may end it
+                inflight = self._decode_step(sched.running, inflight)
+                self._retire()
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
         self.stats["peak_cache_blocks"] = self.cache.peak_used
@@ -214,12 +165,10 @@ class Engine:
         return self.last_stats
 
     def submit(self, request: Request) -> None:
-        """Queue more work from inside an `on_done` callback of the running loop.
-
-        It goes ahead of requests not yet started: finishing started work first bounds the
-        blocks held by kept sequences waiting for their children."""
+        """Queue more work from inside an `on_done` callback of the running loop (ahead of
+        requests not yet started: `Scheduler.submit`)."""
         self._check_adapters([request])
-        self._waiting.appendleft(request)
+        self.scheduler.submit(request)
         self._bar.total += request.n * request.max_new_tokens
         self._bar.refresh()
 
@@ -240,132 +189,29 @@ class Engine:
         if self._route is not None:
             self._route([self.model.index(r.adapter) for r in requests])
 
-    # ------------------------------------------------------------ scheduling
-
     @staticmethod
     def _zero_stats() -> dict:
         return dict(prefill_tokens=0, context_tokens=0, generated_tokens=0, decode_steps=0,
                     prefill_calls=0, prefill_s=0.0, wall_s=0.0, tokens_per_s=0.0,
                     peak_cache_blocks=0)
 
-    def _worst_blocks(self, req: Request) -> int:
-        """Blocks a request may still take: its prefill, then every branch's full budget
-        (+1 each for a copied shared tail block)."""
-        c = self.cache
-        prefill_rows = 1 if self.prefix_reuse else req.n
-        prefill = prefill_rows * (c.blocks_for(len(req.context)) + 1)
-        return prefill + req.n * (c.blocks_for(req.max_new_tokens) + 1)
+    def _retire(self) -> None:
+        done = self.scheduler.retire()
+        if done:  # the bar counts budgets; a branch that ended early frees the rest of its own
+            self._bar.total -= sum(b.request.max_new_tokens - len(b.tokens) for b in done)
+            self._bar.refresh()
 
-    def _branch_reserve(self, b: _Branch) -> int:
-        left = b.request.max_new_tokens - len(b.tokens)
-        return self.cache.blocks_for(left) + 1
+    # ------------------------------------------------------------ the model's steps
 
-    def _admit(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
-        """Start waiting requests that fit in the free slots, blocks and prefill budget."""
-        c = self.cache
-        budget = c.available() - sum(self._branch_reserve(b) for b in active)
-        slots = self.max_batch - len(active)
-        chosen, tokens, deferred, prefixes = [], 0, [], set()
-        while self._waiting:
-            req = self._waiting[0]
-            if self._defer(req, prefixes):
-                deferred.append(self._waiting.popleft())
-                continue
-            need = self._worst_blocks(req)
-            if need > c.num_blocks:
-                raise CacheFull(f"KV cache too small: one request of {len(req.context)} context "
-                                f"tokens, n={req.n}, {req.max_new_tokens} new tokens needs up to "
-                                f"{need} blocks of {c.block_size}, the cache has {c.num_blocks}")
-            if req.n > self.max_batch:
-                raise MaltError(f"a request has n={req.n} branches, more than the engine's "
-                                f"max_batch={self.max_batch}")
-            new_tokens = self._prefill_len(req) * (1 if self.prefix_reuse else req.n)
-            fits = (req.n <= slots and need <= budget
-                    and (not chosen or tokens + new_tokens <= self.max_prefill_tokens))
-            if not fits:
-                break
-            self._waiting.popleft()
-            chosen.append(req)
-            slots -= req.n
-            budget -= need
-            tokens += new_tokens
-            if self.prefix_reuse and req.parent is None:
-                bs = c.block_size
-                prefixes.update((req.adapter, tuple(req.context[:k]))
-                                for k in range(bs, len(req.context), bs))
-        self._waiting.extendleft(reversed(deferred))
-        if not chosen:
-            if not active and self._waiting:
-                raise CacheFull(f"KV cache full: {c.held_blocks} of {c.num_blocks} blocks are held "
-                                f"by kept sequences, the next request needs up to "
-                                f"{self._worst_blocks(self._waiting[0])}")
-            return []
-        t = time.perf_counter()
-        branches = self._prefill(chosen, groups)
-        self.stats["prefill_calls"] += 1
-        self.stats["prefill_s"] += time.perf_counter() - t
-        return branches
-
-    def _defer(self, req: Request, prefixes: set) -> bool:
-        """Whether `req` shares at least one more block with a request prefilled in this call
-        than the index holds: it waits a step and then finds that prefix cached."""
-        if not prefixes or req.parent is not None:
-            return False
-        c = self.cache
-        cached = c.matched(c.lookup(req.context, req.adapter), req.context)
-        k = (cached // c.block_size + 1) * c.block_size
-        return k < len(req.context) and (req.adapter, tuple(req.context[:k])) in prefixes
-
-    def _prefill_len(self, req: Request) -> int:
-        if not self.prefix_reuse:
-            return len(req.context)
-        if req.parent is not None:
-            return len(req.context) - self.cache.length(req.parent)
-        c = self.cache
-        limit = len(req.context) - 1
-        return len(req.context) - c.matched(c.lookup(req.context, req.adapter, limit),
-                                            req.context, limit)
-
-    def _prefill(self, reqs: list[Request], groups: dict[int, _Group]) -> list[_Branch]:
-        """One forward over every row the chosen requests need, then their first tokens."""
-        c = self.cache
-        rows, row_tokens, owners = [], [], []  # owners[i] = (request, branch indices of row i)
-        for req in reqs:
-            self.stats["context_tokens"] += len(req.context)
-            if req.parent is not None and not self.prefix_reuse:
-                c.release(req.parent)
-                req.parent = None
-            if self.prefix_reuse:
-                if req.parent is not None:
-                    start = c.length(req.parent)
-                    if start >= len(req.context):
-                        raise ValueError("a request's context must extend its parent's cache")
-                    seq = req.parent
-                else:  # at least the last token is computed: its logits start the reply
-                    seq, start = c.adopt(req.context, req.adapter, len(req.context) - 1)
-                rows.append(seq)
-                row_tokens.append(req.context[start:])
-                owners.append((req, list(range(req.n))))
-            else:
-                for j in range(req.n):
-                    rows.append(c.new_sequence())
-                    row_tokens.append(req.context)
-                    owners.append((req, [j]))
-        self._route_rows([req for req, _ in owners])
-        last_logits = self._forward(rows, row_tokens)
-        self.stats["prefill_tokens"] += sum(len(t) for t in row_tokens)
-        if self.prefix_reuse:
-            for (req, _), seq in zip(owners, rows):
-                c.remember(seq, req.context, req.adapter)
-        branches, source_row = [], []
-        for i, ((req, idx), seq) in enumerate(zip(owners, rows)):
-            seqs = [seq] + (c.fork(seq, len(idx) - 1) if len(idx) > 1 else [])
-            group = groups.setdefault(id(req), _Group(req, [None] * req.n))
-            for j, s in zip(idx, seqs):
-                b = _Branch(req, j, s, branch_generator(req.seed, *req.path, j))
-                group.branches[j] = b
-                branches.append(b)
-                source_row.append(i)
+    def _prefill(self, reqs: list[Request]) -> list[Branch]:
+        """One forward over every row the requests need, then their branches' first tokens."""
+        rows = self.scheduler.prefill_rows(reqs)
+        self.stats["context_tokens"] += sum(len(req.context) for req in reqs)
+        self._route_rows([row.request for row in rows])
+        last_logits = self._forward([row.seq for row in rows], [row.tokens for row in rows])
+        self.stats["prefill_tokens"] += sum(len(row.tokens) for row in rows)
+        branches = self.scheduler.start(rows)
+        source_row = [i for i, row in enumerate(rows) for _ in row.branches]
         # every branch's first token in one draw (each from its own stream): one device sync
         # per prefill call, not one per request
         logits = last_logits[torch.tensor(source_row, device=last_logits.device)]
@@ -402,7 +248,7 @@ class Engine:
         h_last = h[torch.arange(len(seqs), device=device), last]
         return self.model.lm_head(h_last)
 
-    def _decode_step(self, active: list[_Branch], inflight: _Step | None) -> _Step | None:
+    def _decode_step(self, active: list[Branch], inflight: _Step | None) -> _Step | None:
         """Launch a step of the active branches, then read the tokens of the step in flight;
         returns the step now in flight."""
         launched = self._launch(active) if active else None
@@ -410,7 +256,7 @@ class Engine:
             self._collect(inflight)
         return launched
 
-    def _launch(self, active: list[_Branch]) -> _Step:
+    def _launch(self, active: list[Branch]) -> _Step:
         """Queue one decode step of every active branch and the copy of its samples to the host."""
         B = len(active)
         stage = self._staging[self._launches % 2]
@@ -461,9 +307,10 @@ class Engine:
                 live += 1
         self._bar.update(live)
 
-    def _append(self, b: _Branch, tok: int, probe: list[float] | None = None) -> None:
+    def _append(self, b: Branch, tok: int, probe: list[float] | None = None) -> None:
         """Add a sampled token and, with a probe, its row's values (cut to this request's
-        probe: a batch with a longer probe padded the row)."""
+        probe: a batch with a longer probe padded the row); end the branch if the token ends
+        its reply."""
         b.tokens.append(tok)
         self.stats["generated_tokens"] += 1
         req = b.request
@@ -480,10 +327,15 @@ class Engine:
             b.unchanged = cut[2]
         elif len(b.tokens) >= req.max_new_tokens:
             b.result = Completion(list(b.tokens), "length")
-        if req.probe and b.result is not None:
+        else:
+            return
+        res = b.result
+        if res.text is None and self.tokenizer is not None:
+            res.text = self.tokenizer.decode(res.tokens)
+        if req.probe:
             # tokens a stop cut re-encoded were never sampled: no distribution to report
-            kept = len(b.result.tokens) if b.unchanged is None else b.unchanged
-            b.result.probes = b.probes[:kept] + [None] * (len(b.result.tokens) - kept)
+            kept = len(res.tokens) if b.unchanged is None else b.unchanged
+            res.probes = b.probes[:kept] + [None] * (len(res.tokens) - kept)
 
     def _stop_cut(self, tokens: list[int], stop: tuple[str, ...]):
         """(token ids, text, count of unchanged sampled tokens) if the text now holds a stop
@@ -524,42 +376,6 @@ class Engine:
         # a token that straddles the stop string's start is replaced by its text before it
         rest = cut[len(tok.decode(tokens[:m])):]
         return tokens[:m] + (tok.encode(rest) if rest else []), cut, m
-
-    def _retire(self, active: list[_Branch], groups: dict[int, _Group]) -> list[_Branch]:
-        """Drop finished branches; report each request whose branches have all finished."""
-        done = [b for b in active if b.result is not None]
-        for b in done:
-            self._finish(b)
-        if done:  # the bar counts budgets; a branch that ended early frees the rest of its own
-            self._bar.total -= sum(b.request.max_new_tokens - len(b.tokens) for b in done)
-            self._bar.refresh()
-        for b in done:
-            group = groups.get(id(b.request))
-            if group is None or any(x is None or x.result is None for x in group.branches):
-                continue
-            del groups[id(b.request)]
-            if b.request.on_done is not None:
-                b.request.on_done(b.request, [x.result for x in group.branches])
-        return [b for b in active if b.result is None]
-
-    def _finish(self, b: _Branch) -> None:
-        res, req = b.result, b.request
-        if self.tokenizer is not None and res.text is None:
-            res.text = self.tokenizer.decode(res.tokens)
-        if not req.keep and not self.prefix_reuse:
-            self.cache.release(b.seq)
-            return
-        # the cache holds the context and every sampled token but the last (fed next step);
-        # keep only what is still valid for the returned tokens
-        kept = len(res.tokens) if b.unchanged is None else b.unchanged
-        valid = len(req.context) + min(kept, len(b.tokens) - 1)
-        self.cache.truncate(b.seq, min(valid, self.cache.length(b.seq)))
-        if self.prefix_reuse:
-            self.cache.remember(b.seq, req.context + b.tokens, req.adapter)
-        if not req.keep:
-            self.cache.release(b.seq)
-            return
-        res.seq = b.seq
 
 
 def _restrict_first(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

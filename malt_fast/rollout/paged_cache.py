@@ -1,15 +1,17 @@
-"""Paged KV cache: a preallocated pool of fixed-size blocks, per-sequence block tables, refcounts.
+"""Paged KV cache: a block pool for every layer of one model, per-sequence block tables, and the
+prefix index over the blocks.
+
+The parts: `BlockPool` (block_pool.py) hands out block ids and counts their references;
+`PrefixIndex` (prefix_index.py) keeps blocks after their sequences end, keyed by (weights,
+tokens); this class holds the k/v tensors the ids index, each sequence's block table, and the
+layout of one forward's reads and writes.
 
 Sequences that share a prefix share its blocks. `fork` copies nothing: every block of the parent
 gains a reference, and a shared block that is only partly filled is copied the first time a
 branch writes into it (copy-on-write), so only that one block is ever duplicated per branch.
-
-The prefix index (`remember`, `lookup`, `adopt`) keeps blocks after their sequences end, keyed by
-(weights, tokens): a radix tree per weights key whose nodes are blocks, each holding the tokens it
-caches after its parent's. A new sequence starts from the longest cached prefix of its context,
-to the token (a partly matched block is shared and copied on the first write, as after a fork).
-Blocks that only the index holds are evicted least recently used first, leaves before parents,
-when an allocation finds the free list short; a block a sequence holds is never evicted.
+`adopt` starts a sequence from the longest cached prefix of its context; `remember` indexes a
+sequence's blocks. When an allocation finds the free list short, the index gives back blocks
+that only it holds; a block a sequence holds is never evicted.
 
 The model talks to the cache through `attend(layer_idx, q, k, v)`; the engine first calls
 `begin(seq_ids, n_new)` to say which sequences the forward extends and by how many tokens.
@@ -22,37 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from malt_fast.errors import MaltError
 from malt_fast.model.llama import LlamaConfig, attention
-
-
-class CacheFull(MaltError):
-    """The pool has fewer free blocks than an operation needs."""
+from malt_fast.rollout.block_pool import BlockPool, CacheFull
+from malt_fast.rollout.prefix_index import PrefixIndex
 
 
 @dataclass
 class Sequence:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
-
-
-@dataclass(eq=False)
-class _Node:
-    """One block of the prefix index: its `tokens` (at most a block) follow its parent's."""
-    block: int
-    tokens: tuple
-    parent: "_Node | None" = None
-    depth: int = 0
-    last_use: int = 0
-    children: dict = field(default_factory=dict)  # tokens -> _Node
-
-
-def _common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def reference_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale):
@@ -92,13 +72,14 @@ DECODE_BACKENDS = {"torch": reference_decode_attention, "cpp": cpp_decode_attent
 
 
 class PagedKVCache:
-    """Block pool for every layer of one model plus the bookkeeping of the sequences in it.
+    """Keys and values of every layer of one model in the pool's blocks, and the block table of
+    each sequence in it.
 
     `peak_used` is the most blocks sequences held at once (cached prefixes nobody holds are not
     counted: the pool fills up with them and gives them back on demand).
 
-    The pool has one block more than `num_blocks`: a scratch block that no sequence owns, where
-    the padding rows of a fixed-shape (CUDA graph) decode step write and read.
+    The tensors have one block more than `num_blocks`: a scratch block that no sequence owns,
+    where the padding rows of a fixed-shape (CUDA graph) decode step write and read.
     """
 
     def __init__(self, cfg: LlamaConfig, num_blocks: int, block_size: int = 16,
@@ -123,39 +104,40 @@ class PagedKVCache:
                  cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.refcount = [0] * num_blocks
-        # pop() hands out low block ids first, which keeps tests readable
-        self.free = list(range(num_blocks - 1, -1, -1))
+        self.pool = BlockPool(num_blocks)
+        self.index = PrefixIndex(self.pool, block_size)
         self.seqs: dict[int, Sequence] = {}
         self._next_id = 0
-        self.peak_used = 0
         self._step = None
         self._static: dict[int, dict] = {}
-        self._roots: dict = {}  # weights key -> root _Node of the prefix index
-        self._indexed: dict[int, _Node] = {}  # block -> its index node
-        self._idle = 0  # indexed blocks no sequence holds (refcount 1: the index's own)
-        self.evicted = 0
-        self._clock = 0
 
     # ------------------------------------------------------------ bookkeeping
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.pool.used
 
     @property
     def idle_blocks(self) -> int:
         """Blocks only the prefix index holds (evicted when an allocation needs them)."""
-        return self._idle
+        return self.pool.idle
 
     @property
     def held_blocks(self) -> int:
         """Blocks some sequence holds."""
-        return self.used_blocks - self.idle_blocks
+        return self.pool.held
+
+    @property
+    def peak_used(self) -> int:
+        return self.pool.peak_held
+
+    @property
+    def evicted(self) -> int:
+        return self.index.evicted
 
     def available(self) -> int:
         """Blocks an allocation can get: the free ones plus the idle ones."""
-        return len(self.free) + self.idle_blocks
+        return self.pool.available()
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -176,14 +158,13 @@ class PagedKVCache:
         for _ in range(n):
             child = self.new_sequence()
             self.seqs[child] = Sequence(list(parent.blocks), parent.length)
-            for b in parent.blocks:
-                self._incref(b)
+            self.pool.share(parent.blocks)
             children.append(child)
         return children
 
     def release(self, sid: int) -> None:
         for b in self.seqs.pop(sid).blocks:
-            self._decref(b)
+            self.pool.decref(b)
 
     def truncate(self, sid: int, length: int) -> None:
         """Forget tokens from `length` on; blocks wholly past it are released."""
@@ -192,161 +173,60 @@ class PagedKVCache:
             raise ValueError(f"truncate to {length}: sequence has {seq.length} tokens")
         keep = self.blocks_for(length)
         for b in seq.blocks[keep:]:
-            self._decref(b)
+            self.pool.decref(b)
         del seq.blocks[keep:]
         seq.length = length
-
-    def _alloc(self) -> int:
-        if not self.free:
-            raise CacheFull(f"KV cache full: all {self.num_blocks} blocks of {self.block_size} "
-                            f"tokens are in use; build the engine with more cache blocks")
-        b = self.free.pop()
-        self.refcount[b] = 1
-        self.peak_used = max(self.peak_used, self.held_blocks)
-        return b
-
-    def _incref(self, b: int) -> None:
-        if self.refcount[b] == 1 and b in self._indexed:  # an idle cached block is taken up
-            self._idle -= 1
-            self.peak_used = max(self.peak_used, self.held_blocks)
-        self.refcount[b] += 1
-
-    def _decref(self, b: int) -> None:
-        self.refcount[b] -= 1
-        if self.refcount[b] == 0:
-            self.free.append(b)
-        elif self.refcount[b] == 1 and b in self._indexed:
-            self._idle += 1
 
     def blocks_needed(self, sid: int, n_new: int) -> int:
         """Fresh blocks `reserve(sid, n_new)` would take: new blocks plus a copied shared tail."""
         seq = self.seqs[sid]
         need = self.blocks_for(seq.length + n_new) - len(seq.blocks)
-        if seq.length % self.block_size and self.refcount[seq.blocks[-1]] > 1 and n_new:
+        if seq.length % self.block_size and self.pool.refcount[seq.blocks[-1]] > 1 and n_new:
             need += 1
         return need
 
     def reserve(self, sid: int, n_new: int) -> None:
         """Make room to write n_new more tokens, copying a shared partial tail block first."""
-        seq = self.seqs[sid]
+        seq, pool = self.seqs[sid], self.pool
         if seq.length % self.block_size and seq.length + n_new <= len(seq.blocks) * \
-                self.block_size and self.refcount[seq.blocks[-1]] == 1:
+                self.block_size and pool.refcount[seq.blocks[-1]] == 1:
             return  # most decode steps: room left in an unshared last block
         need = self.blocks_needed(sid, n_new)
-        if need > len(self.free) and need > self.available():
-            raise CacheFull(f"KV cache full: writing {n_new} tokens needs "
-                            f"{need} free blocks, {self.available()} of "
-                            f"{self.num_blocks} are free; build the engine with more cache blocks")
-        if need > len(self.free):
-            self._evict(need - len(self.free))
-        if n_new and seq.length % self.block_size and self.refcount[seq.blocks[-1]] > 1:
+        if need > len(pool.free):
+            if need > pool.available():
+                raise CacheFull(f"KV cache full: writing {n_new} tokens needs "
+                                f"{need} free blocks, {pool.available()} of "
+                                f"{self.num_blocks} are free; build the engine with more cache "
+                                f"blocks")
+            self.index.evict(need - len(pool.free))
+        if n_new and seq.length % self.block_size:
             old = seq.blocks[-1]
-            new = self._alloc()
-            self.k[:, new] = self.k[:, old]
-            self.v[:, new] = self.v[:, old]
-            self._decref(old)
-            seq.blocks[-1] = new
+            new = pool.writable(old)
+            if new != old:
+                self.k[:, new] = self.k[:, old]
+                self.v[:, new] = self.v[:, old]
+                seq.blocks[-1] = new
         while len(seq.blocks) < self.blocks_for(seq.length + n_new):
-            seq.blocks.append(self._alloc())
+            seq.blocks.append(pool.alloc())
 
     # ------------------------------------------------------------ prefix index
-
-    def lookup(self, tokens, weights=None, limit: int | None = None) -> list[_Node]:
-        """The index nodes of the longest cached prefix of `tokens[:limit]` computed with
-        `weights`; the last node may match only its first tokens (see `matched`)."""
-        node, path, n = self._roots.get(weights), [], 0
-        bs, end = self.block_size, len(tokens) if limit is None else min(limit, len(tokens))
-        while node is not None and n < end:
-            rest = tokens[n:end]
-            child = node.children.get(tuple(rest[:bs])) if len(rest) >= bs else None
-            if child is None:  # the longest partial match among the children
-                best = max(node.children.values(), default=None,
-                           key=lambda c: _common_prefix(c.tokens, rest))
-                if best is not None and _common_prefix(best.tokens, rest):
-                    path.append(best)
-                break
-            path.append(child)
-            n += bs
-            node = child
-        return path
-
-    def matched(self, path: list[_Node], tokens, limit: int | None = None) -> int:
-        """Tokens of `tokens[:limit]` that `lookup`'s path covers."""
-        if not path:
-            return 0
-        full = (len(path) - 1) * self.block_size
-        end = len(tokens) if limit is None else min(limit, len(tokens))
-        return full + _common_prefix(path[-1].tokens, tokens[full:end])
 
     def adopt(self, tokens, weights=None, limit: int | None = None) -> tuple[int, int]:
         """A new sequence holding the longest cached prefix of `tokens[:limit]`:
         (sequence id, its length). Its next write copies a partly matched last block."""
-        path = self.lookup(tokens, weights, limit)
+        path, n = self.index.match(tokens, weights, limit)
         sid = self.new_sequence()
-        seq = self.seqs[sid]
-        seq.length = self.matched(path, tokens, limit)
-        self._touch(path)
-        for node in path:
-            seq.blocks.append(node.block)
-            self._incref(node.block)
-        return sid, seq.length
+        self.seqs[sid] = Sequence([node.block for node in path], n)
+        self.pool.share(self.seqs[sid].blocks)
+        self.index.touch(path)
+        return sid, n
 
     def remember(self, sid: int, tokens, weights=None) -> None:
-        """Index sequence `sid`'s blocks; `tokens` are its contents (at least its length).
-
-        A node is only ever added under a node whose block `sid` holds, so a sequence holding a
-        block holds its index ancestors too: a block only the index holds has no held
-        descendants, and leaf-first eviction can free every such block."""
+        """Index sequence `sid`'s blocks; `tokens` are its contents (at least its length)."""
         seq = self.seqs[sid]
         if len(tokens) < seq.length:
             raise ValueError(f"remember: {len(tokens)} tokens for a sequence of {seq.length}")
-        node = self._roots.setdefault(weights, _Node(-1, ()))
-        bs, path = self.block_size, []
-        for k, b in enumerate(seq.blocks):
-            toks = tuple(tokens[k * bs: min((k + 1) * bs, seq.length)])
-            if not toks:
-                break
-            child = node.children.get(toks)
-            if child is None:
-                if b in self._indexed or any(_common_prefix(c.tokens, toks) == len(toks)
-                                             for c in node.children.values()):
-                    break  # cached elsewhere already, or a prefix of a cached block
-                child = _Node(b, toks, node, node.depth + 1)
-                node.children[toks] = child
-                self.refcount[b] += 1  # held by `sid` too, so not idle
-                self._indexed[b] = child
-            elif child.block != b:
-                break  # the same tokens sit in another block: this one stays private
-            path.append(child)
-            node = child
-        self._touch(path)
-
-    def _touch(self, path: list[_Node]) -> None:
-        # one clock value for a whole root-to-node path: a parent is never older than its
-        # children, so (last_use, -depth) order evicts leaves first
-        self._clock += 1
-        for node in path:
-            node.last_use = self._clock
-
-    def _evict(self, n: int) -> None:
-        """Free up to n blocks that only the index holds, least recently used first."""
-        idle = sorted((node for b, node in self._indexed.items() if self.refcount[b] == 1),
-                      key=lambda node: (node.last_use, -node.depth))
-        for node in idle[:n]:
-            assert not node.children, "an index node evicted before its children"
-            del node.parent.children[node.tokens]
-            del self._indexed[node.block]
-            self._idle -= 1
-            self.evicted += 1
-            self._decref(node.block)
-
-    def clear_index(self) -> None:
-        """Forget every cached prefix (blocks still held by sequences stay theirs)."""
-        indexed, self._indexed = self._indexed, {}
-        for b in indexed:
-            self._decref(b)
-        self._idle = 0
-        self._roots.clear()
+        self.index.insert(seq.blocks, tokens[:seq.length], weights)
 
     # ------------------------------------------------------------ one forward
 

@@ -43,8 +43,8 @@ def check_invariants(cache, shadow):
         for b in seq.blocks:
             refs[b] += 1
         assert read(cache, sid) == shadow[sid]
-    assert refs == cache.refcount
-    assert sorted(cache.free) == [b for b in range(cache.num_blocks) if refs[b] == 0]
+    assert refs == cache.pool.refcount
+    assert sorted(cache.pool.free) == [b for b in range(cache.num_blocks) if refs[b] == 0]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -98,7 +98,7 @@ def test_fork_shares_full_blocks_and_copies_partial_tail_on_write():
     assert read(cache, parent) == [1, 2, 3, 4, 5, 6]
     for s in (parent, a, b):
         cache.release(s)
-    assert cache.used_blocks == 0 and sorted(cache.free) == list(range(16))
+    assert cache.used_blocks == 0 and sorted(cache.pool.free) == list(range(16))
 
 
 def test_full_pool_raises_with_sizes():
@@ -115,7 +115,7 @@ def test_full_pool_raises_with_sizes():
 
 def indexed_refs(cache):
     """Blocks the index holds (one reference each)."""
-    return {node.block for node in cache._indexed.values()}
+    return set(cache.index.nodes)
 
 
 def check_index(cache):
@@ -125,8 +125,8 @@ def check_index(cache):
             refs[b] += 1
     for b in indexed_refs(cache):
         refs[b] += 1
-    assert refs == cache.refcount
-    assert sorted(cache.free) == [b for b in range(cache.num_blocks) if refs[b] == 0]
+    assert refs == cache.pool.refcount
+    assert sorted(cache.pool.free) == [b for b in range(cache.num_blocks) if refs[b] == 0]
     assert cache.idle_blocks == sum(1 for b in indexed_refs(cache) if refs[b] == 1)
     held = sum(1 for b in range(cache.num_blocks) if refs[b] > (b in indexed_refs(cache)))
     assert cache.held_blocks == held <= cache.peak_used
@@ -167,12 +167,12 @@ def test_eviction_takes_idle_blocks_lru_and_never_held_ones():
         cache.remember(sid, p, w)
         cache.release(sid)
     held, n = cache.adopt(prompts["x"], "x")  # x is now the most recent and held
-    assert n == 8 and cache.held_blocks == 2 and cache.idle_blocks == 4 and not cache.free
+    assert n == 8 and cache.held_blocks == 2 and cache.idle_blocks == 4 and not cache.pool.free
     big = cache.new_sequence()
     write(cache, big, [7.0] * 9)  # needs 3 blocks: y's two (least recent), then one of z's
     assert cache.evicted == 3
-    assert cache.lookup(prompts["y"], "y") == []
-    assert cache.matched(cache.lookup(prompts["z"], "z"), prompts["z"]) == 4  # its leaf went
+    assert cache.index.match(prompts["y"], "y") == ([], 0)
+    assert cache.index.match(prompts["z"], "z")[1] == 4  # its leaf went
     assert read(cache, held) == prompts["x"]
     check_index(cache)
     with pytest.raises(CacheFull):  # z's first block is the last idle one; x is held
@@ -206,8 +206,7 @@ def test_random_index_operations_keep_contents_and_refcounts(seed):
                                           for _ in range(rng.randrange(1, 6))]
             try:
                 sid, n = cache.adopt(tokens, w, len(tokens) - 1)
-                assert n == cache.matched(cache.lookup(tokens, w, len(tokens) - 1), tokens,
-                                          len(tokens) - 1)
+                assert n == cache.index.match(tokens, w, len(tokens) - 1)[1]
                 write(cache, sid, tokens[n:])
             except CacheFull:
                 cache.release(sid)
