@@ -319,7 +319,6 @@ def write_profile(rep: dict, out_dir: Path, trace: Path | None) -> Path:
 def instrumented(prof: Profiler, log=print):
     """Collect every phase marked at its call site (malt_fast.phases) into `prof` for the
     duration of the block."""
-    from malt_fast.rollout.engine import Engine
     import malt_fast.train.trainer as trainer_mod
 
     patches = []
@@ -332,26 +331,6 @@ def instrumented(prof: Profiler, log=print):
             return
         setattr(owner, name, make(orig))
         patches.append((owner, name, orig))
-
-    def prefill(orig):
-        @functools.wraps(orig)
-        def wrapped(self, *args, **kwargs):
-            before = self.stats["prefill_tokens"]
-            with prof.phase("prefill", self.model):
-                out = orig(self, *args, **kwargs)
-                prof.count(self.stats["prefill_tokens"] - before, "prefill")
-            return out
-        return wrapped
-
-    def decode(orig):
-        @functools.wraps(orig)
-        def wrapped(self, *args, **kwargs):
-            before = self.stats["generated_tokens"]
-            with prof.phase("decode"):
-                out = orig(self, *args, **kwargs)
-                prof.count(self.stats["generated_tokens"] - before, "forward")
-            return out
-        return wrapped
 
     def steps(orig):
         # a generator yielding once per optimizer step: each resumption is one step (the first
@@ -395,8 +374,6 @@ def instrumented(prof: Profiler, log=print):
             return out
         return wrapped
 
-    patch(Engine, "_prefill", prefill)
-    patch(Engine, "_decode_step", decode)
     patch(trainer_mod.Trainer, "phase_steps", steps)
     patch(trainer_mod.Trainer, "write_metrics", metrics)
     patch(trainer_mod, "reference_logprobs", reference)

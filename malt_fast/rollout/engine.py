@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from malt_fast.errors import MaltError
+from malt_fast.phases import phase
 from malt_fast.rollout.cuda_graphs import DecodeGraphs, step_token_ids
 from malt_fast.rollout.paged_cache import PagedKVCache
 from malt_fast.rollout.sampling import SamplingParams, row_inputs, sample, sample_rows
@@ -151,12 +152,17 @@ class Engine:
             # overlaps the device's work; a branch that step t-1 ends runs one wasted row in t
             while sched.waiting or sched.running or inflight is not None:
                 if sched.waiting and (reqs := sched.admit()):
-                    t = time.perf_counter()
-                    self._prefill(reqs)
+                    t, before = time.perf_counter(), self.stats["prefill_tokens"]
+                    with phase("prefill", self.model) as p:
+                        self._prefill(reqs)
+                        p.count(self.stats["prefill_tokens"] - before, "prefill")
                     self.stats["prefill_calls"] += 1
                     self.stats["prefill_s"] += time.perf_counter() - t
                     self._retire()  # a branch's first token (sampled at prefill) may end it
-                inflight = self._decode_step(sched.running, inflight)
+                before = self.stats["generated_tokens"]
+                with phase("decode", self.model) as p:
+                    inflight = self._decode_step(sched.running, inflight)
+                    p.count(self.stats["generated_tokens"] - before, "forward")
                 self._retire()
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
