@@ -207,10 +207,9 @@ def scored(phase, items, idx) -> bool:
 
 
 class RolePolicy(nn.Module):
-    """A role's forward: `policy_logprobs` of (prompt_ids, completion_ids) sequences with the
-    role's adapter active. As a module's forward it is what a DeepSpeed engine wraps, so the
-    engine's hooks see every module call; the fused kernel reaches a ZeRO-3-sharded lm_head
-    through losses.head_logprobs, which runs it as lm_head's own forward."""
+    """A role's forward, `policy_logprobs` with its adapter active; as a module, what a DeepSpeed
+    engine wraps, so its hooks see every module call (the fused kernel reaches a ZeRO-3-sharded
+    lm_head through losses.head_logprobs, which runs it as lm_head's own forward)."""
 
     def __init__(self, model: nn.Module, role: str, packing="tree", backend=None):
         super().__init__()
@@ -301,34 +300,30 @@ class Checkpoint(NamedTuple):
 
 
 class Backend(Protocol):
-    """What differs between training in one process and across ranks; made with the trainer it
-    serves, `backend(trainer)`."""
+    """What differs between training in one process and across ranks, grouped by the five things
+    it does; made with the trainer it serves, `backend(trainer)`."""
 
     rank: int  # this process's rank; 0 alone
     world: int  # the number of ranks
     device: torch.device  # where the forwards run
     tags: dict  # fields every metrics record carries
 
-    # wrapping the model and optimizer: the role's RolePolicy as its forwards run it; a fresh
-    # optimizer for its next phase (lr * schedule(step)); a hash of its own weights, the same
-    # on every rank (the reference's cache key)
+    # wrapping the model and optimizer: the role's RolePolicy as its forwards run it, a fresh
+    # optimizer per phase (lr * schedule(step)), a hash of the role's weights (the same on every
+    # rank: the reference's cache key)
     def wrap(self, role: str) -> nn.Module: ...
     def new_optimizer(self, role: str, lr: float, schedule) -> None: ...
     def model_key(self, role: str) -> str: ...
-
     # stepping: one optimizer step over the `parts` micro-batch losses from the iterator
     # `losses`, each backpropagated as 1/parts of the step's; returns the learning rate used
     def step(self, role: str, losses, parts: int) -> float: ...
-
-    # checkpoints: the one `phase` resumes from (None: it has none); the role restored from it
-    # (weights, an unfinished phase's optimizer, RNG) if it is this phase's; the role saved
+    # saving and loading a checkpoint; load restores the role (weights, an unfinished phase's
+    # optimizer, RNG) from last_checkpoint when that is this phase's
     def last_checkpoint(self, role: str, phase: str) -> Checkpoint | None: ...
     def load_checkpoint(self, role: str, phase: str) -> None: ...
     def save_checkpoint(self, role, phase, step: int, finished: bool, reference) -> None: ...
-
     # gathering for export: the role at `dest` (PEFT adapter or HF model); dest where written
     def export(self, role: str, dest: Path) -> Path | None: ...
-
     # sharing a batch across ranks: (the items this rank trains on, those its forward runs);
     # a tensor summed over the ranks
     def share(self, phase: str, items: list, batch: list[int]) -> tuple[list, list]: ...
@@ -716,8 +711,9 @@ class Trainer:
         to `seen`. A non-finite loss ends it on every rank (the forwards after it are collective)."""
         for batch in chunk:
             loss, *counts = self.loss(policy, phase, items, batch, ref)
-            if self.summed({"bad": not torch.isfinite(loss)})["bad"]:
-                raise FloatingPointError(loss.item())
+            summed = self.summed({"loss": loss.item()})["loss"]  # non-finite if any rank's is
+            if not math.isfinite(summed):
+                raise FloatingPointError(summed)
             seen.append(counts)
             yield loss
 
