@@ -19,9 +19,9 @@ biased one way), and recomputing it per epoch would cost a forward per epoch.
 and their log-probs [len(rows) * 2], chosen and rejected interleaved.
 
 The cache file is `<dataset dir or cache_dir>/<dataset name>.reflogp-<key>.pt`. The key hashes
-the dataset file's bytes, the model (`model_key`: e.g. `model_hash`, or the role's own weights),
-the tokenized pairs, the micro-batches and the `layout` (packing, backend, device, ranks): any
-change picks another file, so a stale cache is never read.
+the dataset file's bytes, the model (`model_key`: e.g. `model_hash`, the role's own weights, or
+every rank's shard of them), the tokenized pairs, the micro-batches and the `layout` (packing,
+backend, device): any change picks another file, so a stale cache is never read.
 """
 
 from __future__ import annotations
