@@ -1,19 +1,14 @@
-"""Multi-process training of the three roles with DeepSpeed: one engine per role (ZeRO-3).
+"""Training across processes with DeepSpeed: the `Trainer` with one engine per role (ZeRO-3).
 
     torchrun --nproc_per_node 2 -m malt_fast.cli train run.yaml      # run.yaml: deepspeed: <json>
 
-Each role gets its own module (a copy of the base model: full fine-tuning trains all of it; LoRA
-trains only the role's adapter over a frozen base copy) wrapped by its own `deepspeed.initialize`
-engine, so ZeRO shards each role's weights, gradients and optimizer state over the ranks. The
-training itself is the single-process trainer's: the same encoded sequences, batch order, losses,
-learning-rate schedule, per-role RNG streams, sequential/joint schedules and metrics (it subclasses
-`Trainer`); only the global micro-batch is split over the ranks, with the losses weighted so that
-DeepSpeed's gradient averaging gives exactly the single-process gradient (`micro_loss`).
-
-Checkpoints are DeepSpeed's own (`engine.save_checkpoint`), one directory per role,
-`OUT/deepspeed/{role}/{phase}-{step:06d}/`, plus a sidecar `malt.json` (phase, step, world size)
-and each rank's RNG state; `OUT/deepspeed/{role}/latest` names the newest complete one, and a rerun
-with the same number of ranks resumes there.
+`DeepSpeedBackend` gives each role its own module (a copy of the base model: full fine-tuning
+trains all of it; LoRA only the role's adapter over a frozen base copy) and its own engine, so
+ZeRO shards each role's weights, gradients and optimizer state over the ranks. Each rank takes its
+slice of every global micro-batch (`share`); the rest is the trainer's, as in one process.
+Checkpoints are DeepSpeed's own, `OUT/deepspeed/{role}/{phase}-{step:06d}/` with a sidecar
+`malt.json` and each rank's RNG state; `OUT/deepspeed/{role}/latest` names the newest complete one,
+where a rerun with the same number of ranks resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import math
 import os
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import torch
@@ -35,22 +29,18 @@ from torch import nn
 from malt_fast.config import deepspeed_spec
 from malt_fast.errors import MaltError, fail
 from malt_fast.model.lora import adapter_parameters, lora_modules, save_adapter, set_adapter
-from malt_fast.train.losses import dpo_loss
-from malt_fast.train.reference import (cache_path, check_batches, compute_reference,
-                                       load_reference, reference_key, save_reference)
-from malt_fast.train.trainer import (RoleRNG, TrainConfig, Trainer, atomic_torch_save, job_config,
-                                     load_job_model, policy_logprobs)
+from malt_fast.train.reference import tensors_hash
+from malt_fast.train.trainer import (Checkpoint, RolePolicy, TrainConfig, Trainer,
+                                     atomic_torch_save, job_config, load_job_model, scored)
 
 # activation_checkpointing keys that only mean something with model parallelism (not used here)
 _MODEL_PARALLEL_ONLY = ("partition_activations", "cpu_checkpointing",
                         "contiguous_memory_optimization")
 
 
-def parse_spec(entry, source):
-    """A config's `deepspeed:` entry: a JSON path, or {config: path, nproc: N}. `nproc` is the
-    number of processes `malt-fast run` launches for its train stage; `malt-fast train` runs
-    with whatever its launcher started."""
-    return deepspeed_spec(entry, source)
+# a config's `deepspeed:` entry: a JSON path, or {config: path, nproc: N} (the processes
+# `malt-fast run` launches for its train stage; `malt-fast train` runs with its launcher's)
+parse_spec = deepspeed_spec
 
 
 # ---------------------------------------------------------------- DeepSpeed JSON configs
@@ -190,20 +180,6 @@ def init_distributed() -> bool:
 # ---------------------------------------------------------------- role modules
 
 
-class RolePolicy(nn.Module):
-    """What a role engine wraps. Its forward is the single-process trainer's `policy_logprobs`
-    (summed completion log-probs of (prompt_ids, completion_ids) sequences, tree-packed or not),
-    so the engine's hooks see every module call; the fused kernel reaches the ZeRO-3-sharded
-    lm_head through losses.head_logprobs, which runs it as lm_head's own forward."""
-
-    def __init__(self, model: nn.Module, packing="tree", backend=None):
-        super().__init__()
-        self.model, self.packing, self.backend = model, packing, backend
-
-    def forward(self, seqs):
-        return policy_logprobs(self.model, seqs, self.packing, self.backend)
-
-
 def keep_only_adapter(model, role: str) -> None:
     """Drop every adapter but `role`'s from a model holding one per role."""
     for m in lora_modules(model).values():
@@ -237,13 +213,9 @@ def checkpoint_blocks(model) -> None:
 def sharded_model_key(module: nn.Module) -> str:
     """A hash of the weights as the ranks hold them (ZeRO-3: each rank its shard), the same on
     every rank: the reference log-prob cache key for a model no single rank holds whole."""
-    h = hashlib.sha256()
-    for name, p in module.named_parameters():
-        t = getattr(p, "ds_tensor", p).detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = tensors_hash((n, getattr(p, "ds_tensor", p)) for n, p in module.named_parameters())
     digests = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(digests, h.hexdigest())
+    torch.distributed.all_gather_object(digests, mine.hexdigest())
     return hashlib.sha256("|".join(digests).encode()).hexdigest()
 
 
@@ -257,287 +229,95 @@ def gathered(params):
     return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
 
 
-def phase_seqs(phase, items, idx) -> list:
-    """The (prompt_ids, completion_ids) sequences of items `idx`: SFT rows, or DPO pairs as
-    chosen, rejected, chosen, ..."""
-    return [items[i] for i in idx] if phase == "sft" else [s for i in idx for s in items[i]]
+# ---------------------------------------------------------------- backend
 
 
-def scored(phase, items, idx) -> bool:
-    """Whether items `idx` have any completion token to score."""
-    return any(c for _, c in phase_seqs(phase, items, idx))
+class DeepSpeedBackend:
+    """One DeepSpeed engine per role, built when the role starts and destroyed once it is
+    exported. Every rank runs the trainer's code on the same data; see Backend for the methods."""
 
-
-# ---------------------------------------------------------------- trainer
-
-
-class DeepSpeedTrainer(Trainer):
-    """`Trainer` with one DeepSpeed engine per role. Every rank runs the same code on the same
-    data and takes its slice of every global micro-batch. Reuses the trainer's data encoding,
-    batch order, per-role RNG streams, schedules (sequential / joint) and metrics writer."""
-
-    def __init__(self, model, tokenizer, data_dir, out_dir, cfg: TrainConfig, ds_config: dict,
-                 ds_source, log=print, after_step=None, init_from=None):
-        super().__init__(model, tokenizer, data_dir, out_dir, cfg, log=log, init_from=init_from)
+    def __init__(self, trainer: Trainer, ds_config: dict, source):
         from deepspeed.accelerator import get_accelerator
 
-        self.after_step, self.ds_source = after_step, ds_source
+        self.trainer, self.source = trainer, source
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
-        cuda = get_accelerator().device_name() == "cuda"
-        self.ds_config = resolve_ds_config(ds_config, ds_source, cfg, self.world, cuda)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(get_accelerator().device_name(local))  # the engines' own
+        self.config = resolve_ds_config(ds_config, source, trainer.cfg, self.world,
+                                        self.device.type == "cuda")
+        self.tags = {"world_size": self.world}
         self.engines: dict = {}
-        if self.rank != 0:
-            self.log = lambda *a, **k: None
-            self.tensorboard_off = True
+        self.built: set = set()
 
-    # -------------------------------------------------------- engines
-
-    def ckpt_dir(self, role) -> Path:
-        return self.out_dir / "deepspeed" / role
-
-    def prepare(self) -> None:
-        """One engine per role. LoRA adapters are created on the shared base first, each from its
-        role's own seeded stream as in the single-process trainer, so every rank (and a
-        single-process run) starts from the same adapters; each role then gets its own copy of
-        the model (with LoRA the last role takes the base itself), which its engine
-        partitions."""
+    # wrapping the model and optimizer
+    def wrap(self, role):
+        """The role's engine, built on first use. With LoRA, every rank made the same adapters on
+        the shared base (trainer.prepare); the role's module is a copy of the base with its
+        adapter alone (the last one built takes the base itself), partitioned by its engine."""
+        if role in self.engines:
+            return self.engines[role]
         import deepspeed
 
-        base = self.model
-        self.rngs = {role: RoleRNG(self.cfg.seed, role) for role in self.cfg.roles}
-        if self.cfg.finetune == "lora":
-            self.add_adapters(base)
-        roles = list(self.cfg.roles)
-        for i, role in enumerate(roles):
-            if self.cfg.finetune == "full":
-                model = self.start_model(role)
-            else:
-                model = base if i == len(roles) - 1 else copy.deepcopy(base)
-                keep_only_adapter(model, role)
-            if "activation_checkpointing" in self.ds_config:
-                checkpoint_blocks(model)
-            module = RolePolicy(model, self.cfg.packing, self.cfg.backend)
-            params = [p for p in module.parameters() if p.requires_grad]
-            client = None
-            if "optimizer" not in self.ds_config:
-                client = torch.optim.AdamW(params, lr=self.cfg.sft_lr,
-                                           weight_decay=self.cfg.weight_decay)
-            try:
-                engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
-                                                  optimizer=client,
-                                                  config=copy.deepcopy(self.ds_config))
-            except ValueError as e:  # DeepSpeed's config validation (pydantic) errors
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise fail(self.ds_source, f"rejected by DeepSpeed: {first}") from None
-            self.engines[role] = engine
-        self.model = None  # LoRA: the base lives on, sharded, in the last role's engine
-        if self.rank:  # rank 0 continues the single-process streams (dropout); others get their own
-            self.rngs = {role: RoleRNG(self.cfg.seed, f"{role}/rank{self.rank}") for role in roles}
+        t = self.trainer
+        model = t.policy(role)
+        if t.cfg.finetune == "lora":
+            if len(self.built) < len(t.cfg.roles) - 1:
+                model = copy.deepcopy(model)
+            keep_only_adapter(model, role)
+            t.role_models[role] = model
+        self.built.add(role)
+        if "activation_checkpointing" in self.config:
+            checkpoint_blocks(model)
+        module = RolePolicy(model, role, t.cfg.packing, t.cfg.backend)
+        params = [p for p in module.parameters() if p.requires_grad]
+        client = None
+        if "optimizer" not in self.config:
+            client = torch.optim.AdamW(params, lr=t.cfg.sft_lr, weight_decay=t.cfg.weight_decay)
+        try:
+            self.engines[role], *_ = deepspeed.initialize(
+                model=module, model_parameters=params, optimizer=client,
+                config=copy.deepcopy(self.config))
+        except ValueError as e:  # DeepSpeed's config validation (pydantic) errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise fail(self.source, f"rejected by DeepSpeed: {first}") from None
+        return self.engines[role]
 
-    def start_phase(self, engine, phase, total) -> None:
-        """Fresh optimizer moments, the phase's learning rate and a new schedule (warmup, then
-        linear decay, as in the single-process trainer): DPO starts from the SFT weights with a
-        new optimizer, like a new AdamW there."""
+    def new_optimizer(self, role, lr, schedule):
+        """Fresh moments, the phase's learning rate and schedule on the role's one engine: what
+        a new AdamW is in one process."""
+        engine = self.wrap(role)
         opt = engine.basic_optimizer
         opt.state.clear()  # moments are created lazily at the next step
-        lr = self.cfg.sft_lr if phase == "sft" else self.cfg.dpo_lr
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = lr
-        warmup = self.cfg.warmup_steps
-        engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / total))
+        engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    # -------------------------------------------------------- run (Trainer.run's schedule)
+    def model_key(self, role):
+        return "zero-" + sharded_model_key(self.wrap(role).module)
 
-    def release(self) -> None:
-        for engine in self.engines.values():
-            engine.destroy()
+    # stepping
+    def step(self, role, losses, parts):
+        engine = self.engines[role]
+        lr = engine.basic_optimizer.param_groups[0]["lr"]
+        for n in range(parts):
+            # explicit boundary: a phase's last optimizer step may be short
+            engine.set_gradient_accumulation_boundary(n == parts - 1)
+            # DeepSpeed divides by grad_accum; the step averages over the micro-batches it has
+            engine.backward(next(losses) * (self.trainer.cfg.grad_accum / parts))
+            engine.step()
+        return lr
 
-    def finish_role(self, role) -> Path | None:
-        return self.export_role(role)
+    # checkpoints
+    def ckpt_dir(self, role) -> Path:
+        return self.trainer.out_dir / "deepspeed" / role
 
-    def role_steps(self, role):
-        """Yields once per optimizer step of the role, over its phases, from the last checkpoint."""
-        engine, phases, cfg = self.engines[role], self.cfg.phases(role), self.cfg
-        resume = self.resume_point(role)
-        first = phases.index(resume["phase"]) if resume else 0
-        for phase in phases[first:]:
-            data = self.phase_data(role, phase)
-            epochs = cfg.sft_epochs if phase == "sft" else cfg.dpo_epochs
-            batches = self.batch_order(data.groups, epochs, role, phase)
-            total = math.ceil(len(batches) / cfg.grad_accum)
-            # the schedule must exist before a load, which restores its position
-            self.start_phase(engine, phase, max(total, 1))
-            step = 0
-            if resume is not None and phase == resume["phase"]:
-                step = self.load_role_checkpoint(engine, role, resume)
-                if resume["finished"]:
-                    continue
-            if not data.items:
-                self.log(f"{role} {phase}: {data.path.name} is empty, phase skipped")
-                self.save_role_checkpoint(engine, role, phase, 0, finished=True)
-                continue
-            yield from self.engine_steps(engine, role, phase, data, batches, total, step)
-
-    def engine_steps(self, engine, role, phase, data, batches, total, step):
-        cfg = self.cfg
-        ref = self.dpo_reference(engine, role, data, batches, fresh=step == 0) \
-            if phase == "dpo" else None
-        if step:
-            self.log(f"{role} {phase}: resuming at step {step}/{total}")
-        from tqdm import tqdm
-
-        position = cfg.roles.index(role) if cfg.schedule == "joint" else 0
-        bar = tqdm(total=total, initial=step, desc=f"{role} {phase}", unit="step",
-                   position=position, leave=False, dynamic_ncols=True, disable=self.rank != 0)
-        t_phase = time.perf_counter()
-        try:
-            while step < total:
-                engine.train()
-                t0 = time.perf_counter()
-                metrics, tokens, model_tokens = [], 0, 0
-                chunk = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-                lr_used = engine.basic_optimizer.param_groups[0]["lr"]
-                with self.rngs[role].active():
-                    for n, idx in enumerate(chunk):
-                        # explicit boundary: a phase's last optimizer step may be short
-                        engine.set_gradient_accumulation_boundary(n == len(chunk) - 1)
-                        loss, mets, ntok = self.micro_loss(engine, phase, data.items, idx, ref)
-                        if not math.isfinite(mets["loss"]):
-                            last = self.latest_dir(role)
-                            where = "this role has no checkpoint yet" if last is None else \
-                                f"the last good checkpoint is {last}"
-                            raise MaltError(f"{role} {phase}: non-finite loss ({mets['loss']}) "
-                                            f"at step {step + 1}/{total}; {where}")
-                        # DeepSpeed divides by grad_accum; the trainer averages over the
-                        # micro-batches the step has, fewer in a phase's short last step
-                        engine.backward(loss * (cfg.grad_accum / len(chunk)))
-                        engine.step()
-                        model_tokens += int(mets.pop("_ran"))
-                        metrics.append(mets)
-                        tokens += ntok
-                step += 1
-                self.finish_step(bar, engine.device, metrics, t0, t_phase,
-                                 write=self.rank == 0, role=role, phase=phase, step=step,
-                                 steps=total, lr=lr_used, tokens=tokens,
-                                 model_tokens=model_tokens, world_size=self.world)
-                if step % cfg.save_every == 0 and step < total:
-                    self.save_role_checkpoint(engine, role, phase, step)
-                if self.after_step is not None:
-                    self.after_step(role, phase, step)
-                yield step
-        finally:
-            bar.close()
-        engine.eval()
-        self.save_role_checkpoint(engine, role, phase, step, finished=True)
-        if self.writer is not None:
-            self.writer.flush()
-
-    def rank_share(self, phase, items, batch) -> tuple[list[int], list[int]]:
-        """(mine, run): this rank's contiguous slice of a global micro-batch (shared prompts stay
-        together), and the items its forward runs: `mine`, or, when `mine` has nothing to score
-        (a short last batch), one borrowed item of the batch, because ZeRO-3 gathers weights
-        collectively and every rank must run a forward."""
-        k = math.ceil(len(batch) / self.world)
-        mine = batch[self.rank * k:(self.rank + 1) * k]
-        if not scored(phase, items, batch):
-            raise MaltError(f"{phase}: every completion of a micro-batch is empty (prompts fill "
-                            f"max_len={self.cfg.max_len}); raise max_len or drop those rows")
-        run = mine if scored(phase, items, mine) else \
-            [next(i for i in batch if scored(phase, items, [i]))]
-        return mine, run
-
-    def micro_loss(self, engine, phase, items, batch, ref):
-        """This rank's part of one global micro-batch: (loss to backward, global metrics, tokens).
-
-        A rank's loss is its share of the whole batch's loss times the world size, so DeepSpeed's
-        mean of the ranks' gradients is the gradient of the single-process loss: SFT counts
-        tokens against all the batch's completion tokens, DPO pairs against all its pairs. A rank
-        left with nothing to score still runs a forward and backward, of a borrowed sequence at
-        zero weight (rank_share).
-        """
-        mine, run = self.rank_share(phase, items, batch)
-        seq, ran = engine(phase_seqs(phase, items, run))
-        keep_graph = seq.sum() * 0.0
-        own = seq if run is mine else torch.zeros(len(phase_seqs(phase, items, mine)),
-                                                  device=seq.device)
-        if phase == "sft":
-            n = sum(len(c) for _, c in phase_seqs(phase, items, batch))
-            part = -own.sum() / n
-            loss = part * self.world + keep_graph
-            mets = self.all_reduce({"loss": part.item(), "_ran": ran})
-            mets["tokens"] = n
-        else:
-            frac = len(mine) / len(batch)
-            own = own.view(-1, 2)
-            r = ref[mine].to(own)
-            part, local = dpo_loss(own[:, 0], own[:, 1], r[:, 0], r[:, 1], self.cfg.beta,
-                                   self.cfg.dpo_loss) if mine else (own.sum(), self.no_pairs())
-            loss = part * (frac * self.world) + keep_graph
-            mets = self.all_reduce({**{k: v * frac for k, v in local.items()}, "_ran": ran})
-        return loss, mets, sum(len(p) + len(c) for p, c in phase_seqs(phase, items, batch))
-
-    def no_pairs(self) -> dict:
-        z = torch.zeros(1)
-        return {k: 0.0 for k in dpo_loss(z, z, z, z, self.cfg.beta, self.cfg.dpo_loss)[1]}
-
-    def all_reduce(self, values: dict) -> dict:
-        keys = list(values)
-        device = next(iter(self.engines.values())).device
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return dict(zip(keys, t.tolist()))
-
-    def dpo_reference(self, engine, role, data, batches, fresh: bool) -> torch.Tensor:
-        """[pairs, 2] log-probs under the role's SFT state, computed (or read from the shared
-        reference cache) when DPO starts and kept in the role's checkpoint directory: a run
-        resumed mid-DPO no longer has the SFT weights to recompute them from.
-
-        As in the single-process trainer, the reference is the policy's own forward over the
-        first epoch's micro-batches, each rank scoring the share it trains on (rank_share), so
-        the first DPO step compares the policy with itself bit for bit; the ranks' shares are
-        then summed into the whole table (each pair is scored by exactly one rank)."""
-        keep = self.ckpt_dir(role) / "dpo-reference.pt"
-        if not fresh:
-            if not keep.is_file():
-                raise fail(keep, "missing; cannot resume DPO without the SFT reference log-probs")
-            return torch.load(keep, map_location="cpu", weights_only=True)
-        first = self.first_epoch(data, batches)
-        check_batches(first, len(data.items))
-        key = reference_key(data.path, "zero-" + sharded_model_key(engine.module), data.items,
-                            first, f"{self.layout(torch.device(engine.device))}|world={self.world}")
-        path = cache_path(data.path, key, self.out_dir / "refcache")
-        ref = load_reference(path, key, len(data.items))
-        # the forwards are collective under ZeRO-3: every rank computes, or none
-        cached = self.all_reduce({"missing": float(ref is None)})["missing"] == 0
-        if not cached:
-            def batch_logprobs(idx):
-                mine, run = self.rank_share("dpo", data.items, idx)
-                seq, _ = engine(phase_seqs("dpo", data.items, run))
-                return (mine, seq) if run is mine else ([], seq[:0])
-
-            engine.eval()  # the reference has no dropout
-            ref = compute_reference(batch_logprobs, first, len(data.items)).to(engine.device)
-            torch.distributed.all_reduce(ref)
-            ref = ref.cpu()
-            if self.rank == 0:
-                save_reference(path, key, ref)
-        if self.rank == 0:
-            atomic_torch_save(ref, keep)
-        torch.distributed.barrier()
-        return ref
-
-    # -------------------------------------------------------- checkpoints
-
-    def latest_dir(self, role) -> Path | None:
+    def latest(self, role) -> dict | None:
+        """The metadata of the role's newest complete checkpoint, checked against this run."""
         pointer = self.ckpt_dir(role) / "latest"
-        return self.ckpt_dir(role) / pointer.read_text().strip() if pointer.is_file() else None
-
-    def resume_point(self, role) -> dict | None:
-        tag_dir = self.latest_dir(role)
-        if tag_dir is None:
+        if not pointer.is_file():
             return None
+        tag_dir = self.ckpt_dir(role) / pointer.read_text().strip()
         meta_path = tag_dir / "malt.json"
         try:
             meta = json.loads(meta_path.read_text())
@@ -547,39 +327,54 @@ class DeepSpeedTrainer(Trainer):
             raise fail(tag_dir, f"written by {meta.get('world_size')} ranks, this run has "
                                 f"{self.world}; rerun with {meta.get('world_size')} ranks or use "
                                 "a new out directory")
-        mode = self.cfg.finetune
-        if meta.get("phase") not in self.cfg.phases(role) or meta.get("finetune") != mode:
+        cfg = self.trainer.cfg
+        if meta.get("phase") not in cfg.phases(role) or meta.get("finetune") != cfg.finetune:
             raise fail(tag_dir, f"a {meta.get('finetune')} {meta.get('phase')} checkpoint, but "
-                                f"{role} now trains {mode} {self.cfg.phases(role)}; use "
+                                f"{role} now trains {cfg.finetune} {cfg.phases(role)}; use "
                                 "a new out directory")
-        meta["tag"] = tag_dir.name
-        return meta
+        return {**meta, "dir": tag_dir}
 
-    def load_role_checkpoint(self, engine, role, meta) -> int:
-        tag_dir = self.ckpt_dir(role) / meta["tag"]
-        path, _ = engine.load_checkpoint(str(self.ckpt_dir(role)), tag=meta["tag"],
-                                         load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+    def last_checkpoint(self, role, phase):
+        # only the newest checkpoint is kept, so a resumed DPO phase reads its reference from
+        # the role's dpo-reference.pt: the SFT weights to recompute it from are gone
+        meta = self.latest(role)
+        phases = self.trainer.cfg.phases(role)
+        if meta is None or phases.index(meta["phase"]) < phases.index(phase):
+            return None
+        later = meta["phase"] != phase
+        reference = self.ckpt_dir(role) / "dpo-reference.pt" if phase == "dpo" else None
+        return Checkpoint(meta["dir"], meta["step"], later or meta["finished"], reference)
+
+    def load_checkpoint(self, role, phase):
+        meta = self.latest(role)
+        if meta["phase"] != phase:
+            return  # a later phase's checkpoint holds this one's result
+        path, _ = self.wrap(role).load_checkpoint(str(self.ckpt_dir(role)), tag=meta["dir"].name,
+                                                  load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         if path is None:
-            raise fail(tag_dir, "DeepSpeed could not load this checkpoint")
-        self.rngs[role].state = torch.load(tag_dir / f"rng-rank{self.rank}.pt",
-                                           weights_only=True)
-        return meta["step"]
+            raise fail(meta["dir"], "DeepSpeed could not load this checkpoint")
+        self.trainer.rngs[role].state = torch.load(meta["dir"] / f"rng-rank{self.rank}.pt",
+                                                   weights_only=True)
 
-    def save_role_checkpoint(self, engine, role, phase, step, finished=False) -> None:
+    def save_checkpoint(self, role, phase, step, finished, reference):
         """Every rank writes its shards; `latest` moves only after all have finished, so a kill
         at any moment leaves it naming a complete checkpoint. Older ones are then deleted (each
         holds the full optimizer state)."""
-        root = self.ckpt_dir(role)
+        t, root = self.trainer, self.ckpt_dir(role)
         tag = f"{phase}-{step:06d}"
+        if (root / "latest").is_file() and (root / "latest").read_text().strip() == tag:
+            return  # this very state (a stop before the next step): never rewrite `latest`'s
         (root / tag).mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.rngs[role].state, root / tag / f"rng-rank{self.rank}.pt")
+        atomic_torch_save(t.rngs[role].state, root / tag / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
             meta = {"role": role, "phase": phase, "step": step, "finished": finished,
-                    "world_size": self.world, "finetune": self.cfg.finetune,
-                    "config": self.cfg.model_dump(mode="json")}
+                    "world_size": self.world, "finetune": t.cfg.finetune,
+                    "config": t.cfg.model_dump(mode="json")}
             (root / tag / "malt.json").write_text(json.dumps(meta, indent=1))
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+            if reference is not None:
+                atomic_torch_save(reference, root / "dpo-reference.pt")
+        self.wrap(role).save_checkpoint(str(root), tag=tag, save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
             tmp = root / ".latest.tmp"
@@ -590,12 +385,14 @@ class DeepSpeedTrainer(Trainer):
                     shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
 
-    def export_role(self, role) -> Path | None:
-        """OUT/checkpoints/{role}: a PEFT adapter (LoRA) or an HF-format model (full), as the
-        single-process trainer writes them, gathered one parameter at a time onto rank 0."""
-        dest = self.out_dir / "checkpoints" / role
-        model = self.engines[role].module.model
-        if self.cfg.finetune == "lora":
+    # gathering for export
+    def export(self, role, dest):
+        """A PEFT adapter (LoRA) or an HF-format model (full), as one process writes them,
+        gathered one parameter at a time onto rank 0. The engine goes with it: the next role's
+        needs the memory."""
+        engine = self.wrap(role)
+        model = engine.module.model
+        if self.trainer.cfg.finetune == "lora":
             with gathered(adapter_parameters(model, role)):
                 if self.rank == 0:
                     save_adapter(model, role, dest)
@@ -611,7 +408,30 @@ class DeepSpeedTrainer(Trainer):
                 dtype = next(iter(tensors.values())).dtype
                 save_model(build_model(model.config, tensors, dest, dtype, "cpu"), dest, dtype)
         torch.distributed.barrier()
+        engine.destroy()
+        del self.engines[role]
         return dest if self.rank == 0 else None
+
+    # sharing a batch across ranks
+    def share(self, phase, items, batch):
+        """(mine, run): this rank's contiguous slice of a global micro-batch (shared prompts stay
+        together), and the items its forward runs: `mine`, or, when `mine` has nothing to score
+        (a short last batch), one borrowed item of the batch, because ZeRO-3 gathers weights
+        collectively and every rank must run a forward."""
+        k = math.ceil(len(batch) / self.world)
+        mine = batch[self.rank * k:(self.rank + 1) * k]
+        if not scored(phase, items, batch):
+            raise MaltError(f"{phase}: every completion of a micro-batch is empty (prompts fill "
+                            f"max_len={self.trainer.cfg.max_len}); raise max_len or drop those "
+                            "rows")
+        run = mine if scored(phase, items, mine) else \
+            [next(i for i in batch if scored(phase, items, [i]))]
+        return mine, run
+
+    def all_reduce(self, t):
+        out = t.to(self.device)
+        torch.distributed.all_reduce(out)
+        return out.to(t.device)
 
 
 # ---------------------------------------------------------------- entry point
@@ -628,8 +448,9 @@ def train_from_config(cfg: dict, source, after_step=None) -> dict:
     try:
         # on the CPU: the engine moves each rank's shards to its device
         model, tok = load_job_model(job, device="cpu")
-        trainer = DeepSpeedTrainer(model, tok, job.data, job.out, job.train, raw, spec.config,
-                                   after_step=after_step, init_from=job.init)
+        trainer = Trainer(model, tok, job.data, job.out, job.train, init_from=job.init,
+                          after_step=after_step,
+                          backend=lambda t: DeepSpeedBackend(t, raw, spec.config))
         return trainer.run()
     finally:
         if created:

@@ -19,9 +19,9 @@ biased one way), and recomputing it per epoch would cost a forward per epoch.
 and their log-probs [len(rows) * 2], chosen and rejected interleaved.
 
 The cache file is `<dataset dir or cache_dir>/<dataset name>.reflogp-<key>.pt`. The key hashes
-the dataset file's bytes, the model (`model_key`: e.g. `model_hash`, or the role's own weights),
-the tokenized pairs, the micro-batches and the `layout` (packing, backend, device, ranks): any
-change picks another file, so a stale cache is never read.
+the dataset file's bytes, the model (`model_key`: e.g. `model_hash`, the role's own weights, or
+every rank's shard of them), the tokenized pairs, the micro-batches and the `layout` (packing,
+backend, device): any change picks another file, so a stale cache is never read.
 """
 
 from __future__ import annotations
@@ -124,10 +124,14 @@ def compute_reference(batch_logprobs, batches, n_pairs: int) -> torch.Tensor:
 
 
 def reference_logprobs(batch_logprobs, pairs, batches, dataset_path, model_key: str,
-                       layout: str, cache_dir=None) -> torch.Tensor:
+                       layout: str, cache_dir=None, all_reduce=None, write=True) -> torch.Tensor:
     """[len(pairs), 2] log-probs from the cache when dataset, model, pairs, batches and layout
     are unchanged, else computed with `batch_logprobs` over `batches` and cached. The caller
-    puts the model in eval mode (no dropout), as the reference has none."""
+    puts the model in eval mode (no dropout), as the reference has none.
+
+    Across ranks each process scores its share and `all_reduce` sums a tensor over them: all
+    compute unless every one found the cache (the forwards are collective), the shares are
+    summed into the whole table, and the process with `write` caches it."""
     dataset_path = Path(dataset_path)
     if not dataset_path.is_file():
         raise fail(dataset_path, "dataset file not found (reference log-probs are keyed by it)")
@@ -135,7 +139,9 @@ def reference_logprobs(batch_logprobs, pairs, batches, dataset_path, model_key: 
     key = reference_key(dataset_path, model_key, pairs, batches, layout)
     path = cache_path(dataset_path, key, cache_dir)
     logps = load_reference(path, key, len(pairs))
-    if logps is None:
-        logps = compute_reference(batch_logprobs, batches, len(pairs))
-        save_reference(path, key, logps)
+    summed = all_reduce or (lambda t: t)
+    if summed(torch.tensor([float(logps is None)])).item():
+        logps = summed(compute_reference(batch_logprobs, batches, len(pairs)))
+        if write:
+            save_reference(path, key, logps)
     return logps

@@ -1,4 +1,4 @@
-"""Single-process training of the three roles: SFT, then DPO from the SFT state.
+"""Training of the three roles: SFT, then DPO from the SFT state, in one process or across ranks.
 
 `finetune: lora` (the default): one frozen base model holds a LoRA adapter per role.
 `finetune: full`: each role trains its own full copy of the base, made when the role starts and
@@ -18,6 +18,9 @@ Every `save_every` steps and at each phase end the trained weights, optimizer, s
 position and RNG are saved; rerunning resumes from there and ends at the same weights. A
 non-finite loss stops the run, the state before the bad step saved. Per step, metrics go to
 `metrics.jsonl` and TensorBoard (`OUT/tensorboard`), and a tqdm bar shows rate and ETA.
+
+The loop is `Trainer`'s alone; its `Backend` does what differs between one process
+(`LocalBackend`) and ranks under DeepSpeed (malt_fast.train.distributed.DeepSpeedBackend).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from malt_fast.config import TrainConfig, TrainJob, validate
 from malt_fast.errors import MaltError, fail
@@ -190,6 +195,32 @@ class PhaseData:
     groups: list[list[int]]
 
 
+def phase_seqs(phase, items, idx) -> list:
+    """The (prompt_ids, completion_ids) sequences of items `idx`: SFT rows, or DPO pairs as
+    chosen, rejected, chosen, ..."""
+    return [items[i] for i in idx] if phase == "sft" else [s for i in idx for s in items[i]]
+
+
+def scored(phase, items, idx) -> bool:
+    """Whether items `idx` have any completion token to score."""
+    return any(c for _, c in phase_seqs(phase, items, idx))
+
+
+class RolePolicy(nn.Module):
+    """A role's forward, `policy_logprobs` with its adapter active; as a module, what a DeepSpeed
+    engine wraps, so its hooks see every module call (the fused kernel reaches a ZeRO-3-sharded
+    lm_head through losses.head_logprobs, which runs it as lm_head's own forward)."""
+
+    def __init__(self, model: nn.Module, role: str, packing="tree", backend=None):
+        super().__init__()
+        self.model, self.role, self.packing, self.backend = model, role, packing, backend
+
+    def forward(self, seqs):
+        if self.role in getattr(self.model, "lora_configs", {}):
+            set_adapter(self.model, self.role)  # one base may hold every role's adapter
+        return policy_logprobs(self.model, seqs, self.packing, self.backend)
+
+
 # ---------------------------------------------------------------- checkpoints and RNG
 
 
@@ -251,6 +282,161 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def lr_schedule(warmup: int, total: int):
+    """The learning-rate factor at optimizer step s of `total`: linear warm-up, then linear decay."""
+    return lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / total)
+
+
+# ---------------------------------------------------------------- backends
+
+
+class Checkpoint(NamedTuple):
+    """A role's last checkpoint as it concerns one phase."""
+
+    path: Path
+    step: int  # optimizer steps taken in the phase
+    finished: bool  # the phase is done (this checkpoint, or a later phase's, holds its result)
+    reference: Path | None  # where a DPO phase's reference log-probs are kept with it, if they are
+
+
+class Backend(Protocol):
+    """What differs between training in one process and across ranks, grouped by the five things
+    it does; made with the trainer it serves, `backend(trainer)`."""
+
+    rank: int  # this process's rank; 0 alone
+    world: int  # the number of ranks
+    device: torch.device  # where the forwards run
+    tags: dict  # fields every metrics record carries
+
+    # wrapping the model and optimizer: the role's RolePolicy as its forwards run it, a fresh
+    # optimizer per phase (lr * schedule(step)), a hash of the role's weights (the same on every
+    # rank: the reference's cache key)
+    def wrap(self, role: str) -> nn.Module: ...
+    def new_optimizer(self, role: str, lr: float, schedule) -> None: ...
+    def model_key(self, role: str) -> str: ...
+    # stepping: one optimizer step over the `parts` micro-batch losses from the iterator
+    # `losses`, each backpropagated as 1/parts of the step's; returns the learning rate used
+    def step(self, role: str, losses, parts: int) -> float: ...
+    # saving and loading a checkpoint; load restores the role (weights, an unfinished phase's
+    # optimizer, RNG) from last_checkpoint when that is this phase's
+    def last_checkpoint(self, role: str, phase: str) -> Checkpoint | None: ...
+    def load_checkpoint(self, role: str, phase: str) -> None: ...
+    def save_checkpoint(self, role, phase, step: int, finished: bool, reference) -> None: ...
+    # gathering for export: the role at `dest` (PEFT adapter or HF model); dest where written
+    def export(self, role: str, dest: Path) -> Path | None: ...
+    # sharing a batch across ranks: (the items this rank trains on, those its forward runs);
+    # a tensor summed over the ranks
+    def share(self, phase: str, items: list, batch: list[int]) -> tuple[list, list]: ...
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalBackend:
+    """One process: the role's model as it is, a torch AdamW per phase, and torch.save
+    checkpoints, OUT/state/{role}-{phase}.pt (+ .done once the phase is finished)."""
+
+    rank, world, tags = 0, 1, {}
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.device = trainer, trainer.device
+        self.optimizers: dict = {}  # role -> (optimizer, schedule) of the phase it trains
+        self.base_hash = None
+
+    def wrap(self, role):
+        t = self.trainer
+        return RolePolicy(t.policy(role), role, t.cfg.packing, t.cfg.backend)
+
+    def new_optimizer(self, role, lr, schedule):
+        opt = torch.optim.AdamW(self.trainer.trained_parameters(role), lr=lr,
+                                weight_decay=self.trainer.cfg.weight_decay)
+        self.optimizers[role] = opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    def model_key(self, role):
+        """The role's own weights only (LoRA: the base and this role's adapter), so other roles
+        (mid-training under the joint schedule) do not change it."""
+        t = self.trainer
+        if t.cfg.finetune == "full":
+            return model_hash(t.policy(role))
+        if self.base_hash is None:
+            base = [(n, x) for n, x in sorted(t.model.state_dict().items()) if ".lora_" not in n]
+            self.base_hash = tensors_hash(base).hexdigest()
+        h = hashlib.sha256(self.base_hash.encode())
+        h.update(repr(t.model.lora_configs[role]).encode())
+        adapter = [(f"{path}.{ab}", getattr(m, ab)[role])
+                   for path, m in sorted(lora_modules(t.model).items()) if role in m.lora_A
+                   for ab in ("lora_A", "lora_B")]
+        return tensors_hash(adapter, h).hexdigest()
+
+    def step(self, role, losses, parts):
+        opt, sched = self.optimizers[role]
+        lr = opt.param_groups[0]["lr"]
+        try:
+            for loss in losses:
+                if loss.requires_grad:  # False only if every completion was cut to empty
+                    (loss / parts).backward()
+            opt.step()
+            sched.step()
+        finally:
+            opt.zero_grad(set_to_none=True)  # full fine-tuning: gradients as large as the model
+        return lr
+
+    def path(self, role, phase, suffix=".pt") -> Path:
+        return self.trainer.out_dir / "state" / f"{role}-{phase}{suffix}"
+
+    def last_checkpoint(self, role, phase):
+        # the reference is not kept: the previous phase's state stays on disk to recompute it
+        path = self.path(role, phase)
+        if not path.exists():
+            return None
+        step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+        return Checkpoint(path, step, self.path(role, phase, ".done").exists(), None)
+
+    def load_checkpoint(self, role, phase):
+        t, path = self.trainer, self.path(role, phase)
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        mode = blob["config"].get("finetune", "lora")
+        tensors = blob["params"] if "params" in blob else blob["adapter"]  # "adapter": older runs
+        params = t.trained_parameters(role)
+        shapes = [tuple(x.shape) for x in tensors]
+        if mode != t.cfg.finetune or shapes != [tuple(p.shape) for p in params]:
+            raise fail(path, f"a {mode} fine-tuning state that does not fit this run's "
+                             f"{t.cfg.finetune} {role} weights (mode or shapes differ); use a "
+                             "new out directory")
+        with torch.no_grad():
+            for p, saved in zip(params, tensors):
+                p.copy_(saved)
+        if not self.path(role, phase, ".done").exists():
+            opt, sched = self.optimizers[role]
+            opt.load_state_dict(blob["optimizer"])
+            sched.load_state_dict(blob["scheduler"])
+        t.rngs[role].state = blob["rng"]
+
+    def save_checkpoint(self, role, phase, step, finished, reference):
+        t = self.trainer
+        opt, sched = self.optimizers.pop(role, (None, None)) if finished else self.optimizers[role]
+        # saved as they are, not cloned: a full model's copy would double its memory here
+        blob = {"params": [p.detach() for p in t.trained_parameters(role)],
+                "optimizer": opt.state_dict() if opt else None,
+                "scheduler": sched.state_dict() if sched else None,
+                "step": step, "rng": t.rngs[role].state,
+                "config": t.cfg.model_dump(mode="json")}
+        atomic_torch_save(blob, self.path(role, phase))
+        if finished:
+            self.path(role, phase, ".done").write_text(str(step))
+
+    def export(self, role, dest):
+        t = self.trainer
+        if t.cfg.finetune == "lora":
+            return save_adapter(t.model, role, dest)
+        save_model(t.policy(role), dest)
+        return dest
+
+    def share(self, phase, items, batch):
+        return batch, batch
+
+    def all_reduce(self, t):
+        return t
+
+
 # ---------------------------------------------------------------- trainer
 
 
@@ -259,32 +445,31 @@ class Trainer:
 
     `init_from`: a directory of trained roles ({role}/: a PEFT adapter with LoRA, an HF model with
     full fine-tuning) that a role starts from instead of fresh weights, as iterative rounds
-    continue training; a role without one there starts fresh.
+    continue training; a role without one there starts fresh. `backend`: what trains
+    (LocalBackend, or malt_fast.train.distributed.DeepSpeedBackend). `after_step(role, phase,
+    step)` runs after each optimizer step, on every rank.
     """
 
     def __init__(self, model, tokenizer, data_dir, out_dir, cfg: TrainConfig, log=print,
-                 init_from=None):
+                 init_from=None, after_step=None, backend=LocalBackend):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.init_from = Path(init_from) if init_from is not None else None
         self.device = model.embed_tokens.weight.device
-        self.log = log
+        self.log, self.after_step = log, after_step
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.writer = None
         self.tensorboard_off = not cfg.tensorboard
-        self._base_hash = None
-        self.role_models: dict = {}  # full fine-tuning: each training role's own model
-
-    # one phase = one role's SFT or DPO pass; its state lives in out_dir/state/{role}-{phase}.pt
-    def state_path(self, role, phase) -> Path:
-        return self.out_dir / "state" / f"{role}-{phase}.pt"
-
-    def done_path(self, role, phase) -> Path:
-        return self.out_dir / "state" / f"{role}-{phase}.done"
+        self.role_models: dict = {}  # each role's own model (full fine-tuning; LoRA per engine)
+        self.backend: Backend = backend(self)
+        self.main = self.backend.rank == 0
+        if not self.main:  # rank 0 logs and writes the records
+            self.log = lambda *a, **k: None
+            self.tensorboard_off = True
 
     def run(self) -> dict:
         """Train every configured role; returns {role: OUT/checkpoints/{role}} (a PEFT adapter,
-        or an HF-format model with full fine-tuning)."""
+        or an HF-format model with full fine-tuning), on rank 0."""
         self.prepare()
         chains = {role: self.role_steps(role) for role in self.cfg.roles}
         out = {}
@@ -315,6 +500,10 @@ class Trainer:
         self.rngs = {role: RoleRNG(self.cfg.seed, role) for role in self.cfg.roles}
         if self.cfg.finetune == "lora":
             self.add_adapters(self.model)
+        rank = self.backend.rank
+        if rank:  # every rank made the same adapters; dropout then draws each rank's own numbers
+            self.rngs = {role: RoleRNG(self.cfg.seed, f"{role}/rank{rank}")
+                         for role in self.cfg.roles}
 
     def release(self) -> None:
         set_adapter(self.model, None)
@@ -349,54 +538,36 @@ class Trainer:
         return model.requires_grad_(True)
 
     def policy(self, role):
-        """What the role's forward runs: the base with the role's adapter active (LoRA), or the
-        role's own model (full), made on first use: roles that have not started hold no copy."""
+        """The role's own model (full fine-tuning, made on first use; or a backend's per-role
+        copy), else the shared base with the role's adapter active."""
+        if role in self.role_models:
+            return self.role_models[role]
         if self.cfg.finetune == "lora":
-            set_adapter(self.model, role)  # the joint schedule switches roles between steps
+            set_adapter(self.model, role)
             return self.model
-        if role not in self.role_models:
-            self.role_models[role] = self.start_model(role)
+        self.role_models[role] = self.start_model(role)
         return self.role_models[role]
 
     def trained_parameters(self, role) -> list:
         if self.cfg.finetune == "lora":
-            return adapter_parameters(self.model, role)
+            return adapter_parameters(self.role_models.get(role, self.model), role)
         return list(self.policy(role).parameters())
 
-    def finish_role(self, role) -> Path:
-        """Export a finished role to OUT/checkpoints/{role}. A full copy is released after it:
+    def finish_role(self, role) -> Path | None:
+        """Export a finished role to OUT/checkpoints/{role}. Its own model is released after it:
         its weights are on disk, and the next role's copy needs the memory."""
-        dest = self.out_dir / "checkpoints" / role
-        if self.cfg.finetune == "lora":
-            return save_adapter(self.model, role, dest)
-        save_model(self.policy(role), dest)
-        del self.role_models[role]
+        dest = self.backend.export(role, self.out_dir / "checkpoints" / role)
+        self.role_models.pop(role, None)
         return dest
 
     def role_steps(self, role):
-        """Yields once per optimizer step of the role, over all its phases."""
+        """Yields once per optimizer step of the role, over its phases, from its checkpoints."""
         for phase in self.cfg.phases(role):
-            if self.done_path(role, phase).exists():
-                blob = self.load_state(role, phase)
-                self.rngs[role].state = blob["rng"]
-                continue
-            yield from self.phase_steps(role, phase)
-
-    def load_state(self, role, phase) -> dict:
-        path = self.state_path(role, phase)
-        blob = torch.load(path, map_location=self.device, weights_only=False)
-        mode = blob["config"].get("finetune", "lora")
-        tensors = blob["params"] if "params" in blob else blob["adapter"]  # "adapter": older runs
-        params = self.trained_parameters(role)
-        shapes = [tuple(t.shape) for t in tensors]
-        if mode != self.cfg.finetune or shapes != [tuple(p.shape) for p in params]:
-            raise fail(path, f"a {mode} fine-tuning state that does not fit this run's "
-                             f"{self.cfg.finetune} {role} weights (mode or shapes differ); use a "
-                             "new out directory")
-        with torch.no_grad():
-            for p, saved in zip(params, tensors):
-                p.copy_(saved)
-        return blob
+            saved = self.backend.last_checkpoint(role, phase)
+            if saved is not None and saved.finished:
+                self.backend.load_checkpoint(role, phase)
+            else:
+                yield from self.phase_steps(role, phase, saved)
 
     def phase_data(self, role, phase) -> PhaseData:
         max_len = self.cfg.max_len
@@ -442,174 +613,175 @@ class Trainer:
             out += [flat[i:i + size] for i in range(0, len(flat), size)]
         return out
 
-    def role_model_key(self, role) -> str:
-        """Cache key of the reference: the role's own weights only (LoRA: the base and this role's
-        adapter), so other roles (mid-training under the joint schedule) do not change it."""
-        if self.cfg.finetune == "full":
-            return model_hash(self.policy(role))
-        if self._base_hash is None:
-            base = [(n, t) for n, t in sorted(self.model.state_dict().items()) if ".lora_" not in n]
-            self._base_hash = tensors_hash(base).hexdigest()
-        h = hashlib.sha256(self._base_hash.encode())
-        h.update(repr(self.model.lora_configs[role]).encode())
-        adapter = [(f"{path}.{ab}", getattr(m, ab)[role])
-                   for path, m in sorted(lora_modules(self.model).items()) if role in m.lora_A
-                   for ab in ("lora_A", "lora_B")]
-        return tensors_hash(adapter, h).hexdigest()
-
     def first_epoch(self, data: PhaseData, batches: list[list[int]]) -> list[list[int]]:
         """The micro-batches of the phase's first epoch: each epoch holds every item once."""
         return batches[:math.ceil(len(data.items) / self.cfg.batch_size)]
 
-    def layout(self, device) -> str:
-        """What besides the weights decides a forward's rounding: part of the reference key."""
-        return f"packing={self.cfg.packing}|backend={self.cfg.backend}|device={device.type}"
-
-    def reference(self, role, data: PhaseData, batches) -> torch.Tensor:
+    def reference(self, role, data: PhaseData, batches, kept: Path | None = None) -> torch.Tensor:
         """[pairs, 2] (chosen, rejected) log-probs under the role's SFT state, cached: the policy's
-        own forward (`policy_logprobs`, same packing and kernels) over the first epoch's
-        micro-batches, so the first DPO step compares the policy with itself bit for bit."""
-        model = self.policy(role)
+        own forward (same packing, kernels and rank shares) over the first epoch's micro-batches,
+        so the first DPO step compares the policy with itself bit for bit. `kept`: the copy a
+        backend keeps with a resumed phase whose SFT weights are gone."""
+        if kept is not None:
+            if not kept.is_file():
+                raise fail(kept, "missing; cannot resume DPO without the SFT reference log-probs")
+            return torch.load(kept, map_location="cpu", weights_only=True)
+        policy = self.backend.wrap(role)
 
         def batch_logprobs(idx):
-            seqs = [s for i in idx for s in data.items[i]]
-            return idx, policy_logprobs(model, seqs, self.cfg.packing, self.cfg.backend)[0]
+            mine, run = self.backend.share("dpo", data.items, idx)
+            seq, _ = policy(phase_seqs("dpo", data.items, run))
+            return (mine, seq) if run is mine else ([], seq[:0])
 
-        was_training = model.training
-        model.eval()  # the reference has no dropout
-        try:
-            return reference_logprobs(batch_logprobs, data.items, self.first_epoch(data, batches),
-                                      data.path, self.role_model_key(role),
-                                      self.layout(self.device),
-                                      cache_dir=self.out_dir / "refcache")
-        finally:
-            model.train(was_training)
+        # what besides the weights decides a forward's rounding: part of the cache key
+        layout = (f"packing={self.cfg.packing}|backend={self.cfg.backend}|"
+                  f"device={self.backend.device.type}")
+        policy.eval()  # the reference has no dropout; each training step sets train mode again
+        return reference_logprobs(batch_logprobs, data.items, self.first_epoch(data, batches),
+                                  data.path, self.backend.model_key(role), layout,
+                                  cache_dir=self.out_dir / "refcache",
+                                  all_reduce=self.backend.all_reduce, write=self.main)
 
-    def phase_steps(self, role: str, phase: str):
+    def phase_steps(self, role: str, phase: str, saved: Checkpoint | None = None):
+        """Trains one phase of the role, from `saved` (its unfinished checkpoint) if given,
+        yielding after each optimizer step."""
         cfg = self.cfg
         epochs = cfg.sft_epochs if phase == "sft" else cfg.dpo_epochs
         data = self.phase_data(role, phase)
         if not data.items or epochs == 0:
             why = f"{data.path.name} is empty" if not data.items else f"{phase}_epochs is 0"
             self.log(f"{role} {phase}: {why}, phase skipped")
-            self.save(role, phase, None, None, 0, finished=True)
+            self.save(role, phase, 0, finished=True)
             return
         batches = self.batch_order(data.groups, epochs, role, phase)
-        ref = self.reference(role, data, batches) if phase == "dpo" else None
-        params = self.trained_parameters(role)
+        total = math.ceil(len(batches) / cfg.grad_accum)
         lr = cfg.sft_lr if phase == "sft" else cfg.dpo_lr
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        micro = cfg.grad_accum
-        total = math.ceil(len(batches) / micro)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / total))
+        self.backend.new_optimizer(role, lr, lr_schedule(cfg.warmup_steps, total))
+        policy = self.backend.wrap(role)
+        # computed before a DPO checkpoint is loaded: from the SFT state, unless kept with it
+        kept = saved.reference if saved is not None else None
+        ref = self.reference(role, data, batches, kept) if phase == "dpo" else None
         step = 0  # optimizer steps taken
-        if self.state_path(role, phase).exists():
-            blob = self.load_state(role, phase)
-            opt.load_state_dict(blob["optimizer"])
-            sched.load_state_dict(blob["scheduler"])
-            step = blob["step"]
-            self.rngs[role].state = blob["rng"]
+        if saved is not None:
+            self.backend.load_checkpoint(role, phase)
+            step = saved.step
             self.log(f"{role} {phase}: resuming at step {step}/{total}")
         from tqdm import tqdm
 
         position = cfg.roles.index(role) if cfg.schedule == "joint" else 0
         bar = tqdm(total=total, initial=step, desc=f"{role} {phase}", unit="step",
-                   position=position, leave=True, dynamic_ncols=True)
+                   position=position, leave=True, dynamic_ncols=True, disable=not self.main)
         t_phase = time.perf_counter()
         try:
             while step < total:
-                model = self.policy(role).train()
+                policy.train()
                 t0 = time.perf_counter()
-                metrics, tokens, model_tokens = [], 0, 0
-                chunk = batches[step * micro:(step + 1) * micro]
-                rng_before, bad = self.rngs[role].state, None
-                with self.rngs[role].active():
-                    opt.zero_grad(set_to_none=True)
-                    for idx in chunk:
-                        loss, mets, ntok, nrun = self.loss(model, phase,
-                                                           [data.items[i] for i in idx], ref, idx)
-                        if not torch.isfinite(loss):
-                            bad = loss.item()
-                            break
-                        if loss.requires_grad:  # False only if every completion was cut to empty
-                            (loss / len(chunk)).backward()
-                        metrics.append(mets)
-                        tokens += ntok
-                        model_tokens += nrun
-                    if bad is None:
-                        lr_used = opt.param_groups[0]["lr"]
-                        opt.step()
-                        sched.step()
-                if bad is not None:
+                chunk = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+                seen, rng_before = [], self.rngs[role].state
+                try:
+                    with self.rngs[role].active():
+                        losses = self.micro_losses(policy, phase, data.items, chunk, ref, seen)
+                        lr_used = self.backend.step(role, losses, len(chunk))
+                except FloatingPointError as e:
                     # keep the work up to the bad step: its state (weights, optimizer, RNG as
                     # before the step) is the last good checkpoint, and a rerun resumes there
                     self.rngs[role].state = rng_before
-                    opt.zero_grad(set_to_none=True)
-                    self.save(role, phase, opt, sched, step)
-                    raise self.non_finite(role, phase, f"non-finite loss ({bad}) at step "
-                                                       f"{step + 1}/{total}")
+                    self.save(role, phase, step, ref)
+                    raise self.non_finite(role, phase, f"non-finite loss ({e.args[0]}) at step "
+                                                       f"{step + 1}/{total}") from None
                 step += 1
-                self.finish_step(bar, self.device, metrics, t0, t_phase, role=role,
-                                 phase=phase, step=step, steps=total, lr=lr_used,
-                                 tokens=tokens, model_tokens=model_tokens)
+                self.finish_step(bar, self.backend.device, [m for m, _, _ in seen], t0, t_phase,
+                                 role=role, phase=phase, step=step, steps=total, lr=lr_used,
+                                 tokens=sum(n for _, n, _ in seen),
+                                 model_tokens=sum(n for _, _, n in seen), **self.backend.tags)
                 if step % cfg.save_every == 0 and step < total:
-                    self.save(role, phase, opt, sched, step)
+                    self.save(role, phase, step, ref)
+                if self.after_step is not None:
+                    self.after_step(role, phase, step)
                 yield step
         finally:
             bar.close()
-        opt.zero_grad(set_to_none=True)  # full fine-tuning: gradients as large as the model
-        self.policy(role).eval()
-        self.save(role, phase, opt, sched, step, finished=True)
+        policy.eval()
+        self.save(role, phase, step, ref, finished=True)
         if self.writer is not None:
             self.writer.flush()
 
-    def loss(self, model, phase, items, ref, idx):
-        """(loss, metrics, unpacked tokens, token positions run) of one micro-batch."""
-        seqs = items if phase == "sft" else [s for pair in items for s in pair]
-        seq, ran = policy_logprobs(model, seqs, self.cfg.packing, self.cfg.backend)
-        tokens = sum(len(p) + len(c) for p, c in seqs)
-        if phase == "sft":
-            # token-weighted mean NLL over completion tokens, as losses.sft_loss
-            n = sum(len(c) for _, c in seqs)
-            loss = -seq.sum() / n
-            return loss, {"loss": loss.item(), "tokens": n}, tokens, ran
-        seq = seq.view(-1, 2)
-        r = ref[idx].to(seq)
-        loss, mets = dpo_loss(seq[:, 0], seq[:, 1], r[:, 0], r[:, 1], self.cfg.beta,
-                              self.cfg.dpo_loss)
-        return loss, mets, tokens, ran
+    def micro_losses(self, policy, phase, items, chunk, ref, seen: list):
+        """The losses of a step's micro-batches; each one's (metrics, tokens, positions run) goes
+        to `seen`. A non-finite loss ends it on every rank (the forwards after it are collective)."""
+        for batch in chunk:
+            loss, *counts = self.loss(policy, phase, items, batch, ref)
+            summed = self.summed({"loss": loss.item()})["loss"]  # non-finite if any rank's is
+            if not math.isfinite(summed):
+                raise FloatingPointError(summed)
+            seen.append(counts)
+            yield loss
 
-    def save(self, role, phase, opt, sched, step, finished=False):
+    def loss(self, policy, phase, items, batch, ref):
+        """(loss, metrics, unpacked tokens, token positions run) of micro-batch `batch`.
+
+        Each rank scores its share of the batch (backend.share) and weights its loss by that
+        share times the number of ranks, so the ranks' mean gradient is the gradient of the whole
+        batch's loss: SFT counts tokens against all the batch's completion tokens, DPO pairs
+        against all its pairs. The metrics are the whole batch's.
+        """
+        mine, run = self.backend.share(phase, items, batch)
+        seqs = phase_seqs(phase, items, batch)
+        seq, ran = policy(phase_seqs(phase, items, run))
+        borrowed = run is not mine
+        if borrowed:  # nothing of its own to score: a forward all the same, at zero weight
+            keep_graph = seq.sum() * 0.0
+            seq = torch.zeros(len(phase_seqs(phase, items, mine)), device=seq.device)
+        if phase == "sft":
+            n = sum(len(c) for _, c in seqs)
+            part = -seq.sum() / n  # token-weighted mean NLL, as losses.sft_loss
+            weight, mets = self.backend.world, {"loss": part.item()}
+        else:
+            frac = len(mine) / len(batch)
+            pairs = seq.view(-1, 2)
+            r = ref[mine].to(pairs)
+            part, mets = dpo_loss(pairs[:, 0], pairs[:, 1], r[:, 0], r[:, 1], self.cfg.beta,
+                                  self.cfg.dpo_loss) if mine else (pairs.sum(), self.no_pairs())
+            weight, mets = frac * self.backend.world, {k: v * frac for k, v in mets.items()}
+        loss = part * weight
+        if borrowed:
+            loss = loss + keep_graph
+        mets = self.summed({**mets, "_ran": ran})
+        ran = int(mets.pop("_ran"))
+        if phase == "sft":
+            mets["tokens"] = n
+        return loss, mets, sum(len(p) + len(c) for p, c in seqs), ran
+
+    def no_pairs(self) -> dict:
+        z = torch.zeros(1)
+        return {k: 0.0 for k in dpo_loss(z, z, z, z, self.cfg.beta, self.cfg.dpo_loss)[1]}
+
+    def summed(self, values: dict) -> dict:
+        """Each value summed over the ranks (alone: as it is)."""
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
+        return dict(zip(values, self.backend.all_reduce(t).tolist()))
+
+    def save(self, role, phase, step, reference=None, finished=False):
         """The phase's state after `step` optimizer steps. Non-finite weights are never saved,
         so every checkpoint on disk is a good one to resume from."""
-        params = self.trained_parameters(role)
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        held = [getattr(p, "ds_tensor", p) for p in self.trained_parameters(role)]  # ZeRO-3: shard
+        if self.summed({"bad": not all(bool(torch.isfinite(t).all()) for t in held)})["bad"]:
             raise self.non_finite(role, phase, f"the weights went non-finite by step {step}")
-        # saved as they are, not cloned: a full model's copy would double its memory here
-        blob = {"params": [p.detach() for p in params],
-                "optimizer": opt.state_dict() if opt else None,
-                "scheduler": sched.state_dict() if sched else None,
-                "step": step, "rng": self.rngs[role].state,
-                "config": self.cfg.model_dump(mode="json")}
-        atomic_torch_save(blob, self.state_path(role, phase))
-        if finished:
-            self.done_path(role, phase).write_text(str(step))
+        self.backend.save_checkpoint(role, phase, step, finished, reference)
 
     def non_finite(self, role, phase, what: str) -> MaltError:
         """The one-line error that ends a run whose loss or weights went non-finite, naming the
         phase's last good checkpoint and its step."""
-        path = self.state_path(role, phase)
-        if not path.exists():
+        saved = self.backend.last_checkpoint(role, phase)
+        if saved is None:
             return MaltError(f"{role} {phase}: {what}; this phase has no checkpoint yet")
-        step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
-        return MaltError(f"{role} {phase}: {what}; the last good checkpoint is {path} "
-                         f"(step {step})")
+        return MaltError(f"{role} {phase}: {what}; the last good checkpoint is {saved.path} "
+                         f"(step {saved.step})")
 
     def finish_step(self, bar, device, metrics: list[dict], t0: float, t_phase: float,
-                    write: bool = True, **fields) -> dict:
+                    **fields) -> dict:
         """One optimizer step's record (micro-batch metrics averaged, throughput, memory) to
-        metrics.jsonl / TensorBoard and the progress bar."""
+        metrics.jsonl / TensorBoard (rank 0) and the progress bar."""
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -617,7 +789,7 @@ class Trainer:
         rec.update(fields, step_s=dt, tokens_per_s=fields["tokens"] / max(dt, 1e-9),
                    peak_mem_mib=peak_memory_mib(device),
                    elapsed_s=time.perf_counter() - t_phase)
-        if write:
+        if self.main:
             self.write_metrics(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                         refresh=False)
