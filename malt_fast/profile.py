@@ -7,13 +7,13 @@ the process's max RSS when the phase ended, a high-water mark). It writes
 `profile/trace.json` (torch.profiler, opens in Perfetto or chrome://tracing, with a
 `malt/<phase>` range around every phase), `profile/profile.md` and `profile/profile.json`.
 
-The phases are found by wrapping, only while profiling, the methods where they happen: the
-engine's prefill and decode step, the trainer's per-step generator and write_metrics (one call
-per optimizer step, carrying its token counts), its reference log-prob call, and the pipeline's
-credit and evaluate stages. Nothing in those modules knows about profiling, so an ordinary run
-pays nothing for it.
+The phases are marked where they happen (malt_fast/phases.py): the engine's prefill and decode
+steps, the trainer's optimizer steps and DPO reference log-probs, model loading, and the
+pipeline's credit and evaluate stages, each a `malt/<phase>` torch.profiler range. While
+profiling, `collecting(profiler)` also times each range and counts its tokens; otherwise a
+range is all it costs.
 
-Times are exclusive: a phase inside another (reference log-probs inside a DPO phase) is taken
+Times are exclusive: a phase inside another is taken
 out of the outer one. Evaluation is the exception: its rollout (prefill and decode) stays in
 "evaluation" (the trace still shows those ranges nested inside it), so prefill and decode mean
 the expansion's rollout. Loading the model and tokenizer is a row of its own; what no phase
@@ -24,7 +24,6 @@ shares add up to 100%.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import platform
 import resource
@@ -312,79 +311,6 @@ def write_profile(rep: dict, out_dir: Path, trace: Path | None) -> Path:
     return path
 
 
-# -------------------------------------------------------------------- instrumentation
-
-
-@contextlib.contextmanager
-def instrumented(prof: Profiler, log=print):
-    """Collect every phase marked at its call site (malt_fast.phases) into `prof` for the
-    duration of the block."""
-    import malt_fast.train.trainer as trainer_mod
-
-    patches = []
-
-    def patch(owner, name, make):
-        orig = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
-        if orig is None:
-            log(f"profile: {getattr(owner, '__name__', owner)}.{name} not found; its phase "
-                "is not measured")
-            return
-        setattr(owner, name, make(orig))
-        patches.append((owner, name, orig))
-
-    def steps(orig):
-        # a generator yielding once per optimizer step: each resumption is one step (the first
-        # also prepares the phase's data and, for DPO, its reference log-probs)
-        @functools.wraps(orig)
-        def wrapped(self, role, phase, *args, **kwargs):
-            prof.see_model(self.model)
-            gen = orig(self, role, phase, *args, **kwargs)
-            try:
-                while True:
-                    with prof.phase(phase):
-                        try:
-                            item = next(gen)
-                        except StopIteration as stop:
-                            return stop.value
-                    yield item
-            finally:
-                gen.close()
-        return wrapped
-
-    def metrics(orig):
-        @functools.wraps(orig)
-        def wrapped(self, rec, *args, **kwargs):
-            if isinstance(rec, dict) and rec.get("phase") in ("sft", "dpo"):
-                n = rec.get("model_tokens", rec.get("tokens", 0)) or 0
-                full = getattr(getattr(self, "cfg", None), "finetune", "lora") == "full"
-                prof.count(n, "train_full" if full else "train")
-            return orig(self, rec, *args, **kwargs)
-        return wrapped
-
-    def reference(orig):
-        @functools.wraps(orig)
-        def wrapped(batch_logprobs, pairs, *args, **kwargs):
-            with prof.phase("reference"):
-                out = orig(batch_logprobs, pairs, *args, **kwargs)
-                try:
-                    n = sum(len(p) + len(c) for pair in pairs for p, c in pair)
-                except (TypeError, ValueError):
-                    n = 0
-                prof.count(n, "forward")
-            return out
-        return wrapped
-
-    patch(trainer_mod.Trainer, "phase_steps", steps)
-    patch(trainer_mod.Trainer, "write_metrics", metrics)
-    patch(trainer_mod, "reference_logprobs", reference)
-    try:
-        with collecting(prof):
-            yield prof
-    finally:
-        for owner, name, orig in reversed(patches):
-            setattr(owner, name, orig)
-
-
 def profile_pipeline(cfg: dict, out_dir=None, trace: bool = True, trace_calls: int | None = 3,
                      log=print) -> dict:
     """Run the pipeline on `cfg` under the profiler; write the trace and tables into out_dir
@@ -401,7 +327,7 @@ def profile_pipeline(cfg: dict, out_dir=None, trace: bool = True, trace_calls: i
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                            else [])
     torch_prof = profile(activities=activities) if trace else contextlib.nullcontext()
-    with instrumented(prof, log), torch_prof as tp:
+    with collecting(prof), torch_prof as tp:
         prof.t0 = time.perf_counter()
         run_pipeline(cfg, log)
         prof._sync()

@@ -137,3 +137,33 @@ def test_flops_count_the_model_weights():
         == 4 * (body + 96 * 32)
     peak, why = gpu_peak_flops(torch.device("cpu"), torch.float32)
     assert peak is None and "unknown for cpu" in why
+
+
+def test_phases_are_marked_at_their_call_sites():
+    """The engine's prefill and decode are torch.profiler ranges under any profiler (nothing is
+    patched or found by name); under `collecting`, the same calls are timed and counted."""
+    import torch
+    from torch.profiler import profile
+
+    from malt_fast.model.llama import Llama, LlamaConfig
+    from malt_fast.phases import collecting
+    from malt_fast.rollout import Engine
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2)).eval()
+    engine = Engine(model, max_batch=4, cache_tokens=512, progress=False)
+    with profile() as p:
+        engine.generate([[5, 6, 7]], n=2, max_new_tokens=6)
+    names = {e.name for e in p.events()}
+    assert {"malt/prefill", "malt/decode"} <= names
+    prof = Profiler(None)
+    with collecting(prof):
+        engine.generate([[5, 6, 7, 8]], n=2, max_new_tokens=6)
+    st, stats = prof.stats, engine.stats
+    assert st["prefill"].tokens == stats["prefill_tokens"] == 4 and st["prefill"].calls == 1
+    # every token but the two first ones (sampled from the prefill's logits) is a decode token
+    assert st["decode"].tokens == stats["generated_tokens"] - 2 == 10
+    assert st["decode"].calls == stats["decode_steps"] + 1  # the last step only collects
+    assert st["decode"].flops == 10 * prof.flops_per_token("forward") > 0

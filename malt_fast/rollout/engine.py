@@ -165,7 +165,8 @@ class Engine:
                     p.count(self.stats["generated_tokens"] - before, "forward")
                 self._retire()
         self.stats["wall_s"] = time.perf_counter() - t0
-        self.stats["tokens_per_s"] = self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
+        self.stats["tokens_per_s"] = \
+            self.stats["generated_tokens"] / max(self.stats["wall_s"], 1e-9)
         self.stats["peak_cache_blocks"] = self.cache.peak_used
         self.last_stats = dict(self.stats)
         return self.last_stats

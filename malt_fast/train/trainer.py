@@ -42,6 +42,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from malt_fast import phases
 from malt_fast.config import TrainConfig, TrainJob, validate
 from malt_fast.errors import MaltError, fail
 from malt_fast.model.checkpoint import load_model, save_model
@@ -283,7 +284,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def lr_schedule(warmup: int, total: int):
-    """The learning-rate factor at optimizer step s of `total`: linear warm-up, then linear decay."""
+    """The learning-rate factor at optimizer step s of `total`: linear warm-up, then linear
+    decay."""
     return lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / total)
 
 
@@ -637,10 +639,13 @@ class Trainer:
         layout = (f"packing={self.cfg.packing}|backend={self.cfg.backend}|"
                   f"device={self.backend.device.type}")
         policy.eval()  # the reference has no dropout; each training step sets train mode again
-        return reference_logprobs(batch_logprobs, data.items, self.first_epoch(data, batches),
-                                  data.path, self.backend.model_key(role), layout,
-                                  cache_dir=self.out_dir / "refcache",
-                                  all_reduce=self.backend.all_reduce, write=self.main)
+        with phases.phase("reference") as p:
+            ref = reference_logprobs(batch_logprobs, data.items, self.first_epoch(data, batches),
+                                     data.path, self.backend.model_key(role), layout,
+                                     cache_dir=self.out_dir / "refcache",
+                                     all_reduce=self.backend.all_reduce, write=self.main)
+            p.count(sum(len(q) + len(c) for pair in data.items for q, c in pair), "forward")
+        return ref
 
     def phase_steps(self, role: str, phase: str, saved: Checkpoint | None = None):
         """Trains one phase of the role, from `saved` (its unfinished checkpoint) if given,
@@ -674,30 +679,36 @@ class Trainer:
         t_phase = time.perf_counter()
         try:
             while step < total:
-                policy.train()
-                t0 = time.perf_counter()
-                chunk = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-                seen, rng_before = [], self.rngs[role].state
-                try:
-                    with self.rngs[role].active():
-                        losses = self.micro_losses(policy, phase, data.items, chunk, ref, seen)
-                        lr_used = self.backend.step(role, losses, len(chunk))
-                except FloatingPointError as e:
-                    # keep the work up to the bad step: its state (weights, optimizer, RNG as
-                    # before the step) is the last good checkpoint, and a rerun resumes there
-                    self.rngs[role].state = rng_before
-                    self.save(role, phase, step, ref)
-                    raise self.non_finite(role, phase, f"non-finite loss ({e.args[0]}) at step "
-                                                       f"{step + 1}/{total}") from None
-                step += 1
-                self.finish_step(bar, self.backend.device, [m for m, _, _ in seen], t0, t_phase,
-                                 role=role, phase=phase, step=step, steps=total, lr=lr_used,
-                                 tokens=sum(n for _, n, _ in seen),
-                                 model_tokens=sum(n for _, _, n in seen), **self.backend.tags)
-                if step % cfg.save_every == 0 and step < total:
-                    self.save(role, phase, step, ref)
-                if self.after_step is not None:
-                    self.after_step(role, phase, step)
+                # one phase per optimizer step, closed before the yield: under the joint
+                # schedule the roles' steps interleave
+                with phases.phase(phase, self.model) as p:
+                    policy.train()
+                    t0 = time.perf_counter()
+                    chunk = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+                    seen, rng_before = [], self.rngs[role].state
+                    try:
+                        with self.rngs[role].active():
+                            losses = self.micro_losses(policy, phase, data.items, chunk, ref,
+                                                       seen)
+                            lr_used = self.backend.step(role, losses, len(chunk))
+                    except FloatingPointError as e:
+                        # keep the work up to the bad step: its state (weights, optimizer, RNG as
+                        # before the step) is the last good checkpoint, and a rerun resumes there
+                        self.rngs[role].state = rng_before
+                        self.save(role, phase, step, ref)
+                        raise self.non_finite(role, phase, f"non-finite loss ({e.args[0]}) at "
+                                                           f"step {step + 1}/{total}") from None
+                    step += 1
+                    self.finish_step(bar, self.backend.device, [m for m, _, _ in seen], t0,
+                                     t_phase, role=role, phase=phase, step=step, steps=total,
+                                     lr=lr_used, tokens=sum(n for _, n, _ in seen),
+                                     model_tokens=sum(n for _, _, n in seen), **self.backend.tags)
+                    if step % cfg.save_every == 0 and step < total:
+                        self.save(role, phase, step, ref)
+                    if self.after_step is not None:
+                        self.after_step(role, phase, step)
+                    p.count(sum(n for _, _, n in seen),
+                            "train_full" if cfg.finetune == "full" else "train")
                 yield step
         finally:
             bar.close()
@@ -708,7 +719,8 @@ class Trainer:
 
     def micro_losses(self, policy, phase, items, chunk, ref, seen: list):
         """The losses of a step's micro-batches; each one's (metrics, tokens, positions run) goes
-        to `seen`. A non-finite loss ends it on every rank (the forwards after it are collective)."""
+        to `seen`. A non-finite loss ends it on every rank (the forwards after it are
+        collective)."""
         for batch in chunk:
             loss, *counts = self.loss(policy, phase, items, batch, ref)
             summed = self.summed({"loss": loss.item()})["loss"]  # non-finite if any rank's is
