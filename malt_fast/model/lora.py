@@ -234,15 +234,13 @@ def load_adapter(model: Llama, adapter_dir, name: str) -> None:
         raise fail(weights, f"missing tensor for {missing[0]}.{missing[1]}")
 
 
-class AdapterView(nn.Module):
-    """The shared base seen through one adapter: every forward runs with `name` active.
+class _View(nn.Module):
+    """The shared base model as an engine sees it: its config, embeddings and head, with every
+    forward run through `_run` (which adapters apply is the subclass's)."""
 
-    Lets a rollout engine per role share one base model in memory (None: the bare base)."""
-
-    def __init__(self, model: Llama, name: str | None):
+    def __init__(self, model: Llama):
         super().__init__()
-        self.inner, self.adapter = model, name
-        self.config = model.config
+        self.inner, self.config = model, model.config
 
     @property
     def lm_head(self):
@@ -252,16 +250,31 @@ class AdapterView(nn.Module):
     def embed_tokens(self):
         return self.inner.embed_tokens
 
+    def _run(self, fn, *args, **kwargs):
+        raise NotImplementedError
+
     def hidden_states(self, *args, **kwargs):
-        set_adapter(self.inner, self.adapter)
-        return self.inner.hidden_states(*args, **kwargs)
+        return self._run(self.inner.hidden_states, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
+        return self._run(self.inner, *args, **kwargs)
+
+
+class AdapterView(_View):
+    """The shared base seen through one adapter: every forward runs with `name` active.
+
+    Lets a rollout engine per role share one base model in memory (None: the bare base)."""
+
+    def __init__(self, model: Llama, name: str | None):
+        super().__init__(model)
+        self.adapter = name
+
+    def _run(self, fn, *args, **kwargs):
         set_adapter(self.inner, self.adapter)
-        return self.inner(*args, **kwargs)
+        return fn(*args, **kwargs)
 
 
-class MultiAdapterView(nn.Module):
+class MultiAdapterView(_View):
     """The shared base with several adapters at once: batch row i of a forward goes through
     adapter names[ids[i]] for the ids of the last `route(ids)` (S-LoRA / Punica style).
 
@@ -281,7 +294,7 @@ class MultiAdapterView(nn.Module):
 
     def __init__(self, model: Llama, names: list[str | None], max_rows: int = 1024,
                  backend: str | None = None):
-        super().__init__()
+        super().__init__(model)
         names = list(names)
         configs = getattr(model, "lora_configs", {})
         if len(set(names)) != len(names):
@@ -292,8 +305,7 @@ class MultiAdapterView(nn.Module):
         backend = backend or ("triton" if device.type == "cuda" else "torch")
         if backend not in ("triton", "torch"):
             raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
-        self.inner, self.names, self.backend, self.max_rows = model, names, backend, max_rows
-        self.config = model.config
+        self.names, self.backend, self.max_rows = names, backend, max_rows
         adapters = [n for n in names if n is not None]
         self._slot = [adapters.index(n) if n is not None else -1 for n in names]
         # per batch row: the adapter's slot in the stacks, -1 for none; written in place only
@@ -383,15 +395,7 @@ class MultiAdapterView(nn.Module):
         u = (x.to(a.dtype) @ a.T).mul_(self._masks[ranks][: x.shape[0]])
         return out.add_((u @ b.T).to(out.dtype))
 
-    @property
-    def lm_head(self):
-        return self.inner.lm_head
-
-    @property
-    def embed_tokens(self):
-        return self.inner.embed_tokens
-
-    def _routed(self, fn, *args, **kwargs):
+    def _run(self, fn, *args, **kwargs):
         global _routing
         if _routing is not None:
             raise RuntimeError("a MultiAdapterView forward is already running")
@@ -400,9 +404,3 @@ class MultiAdapterView(nn.Module):
             return fn(*args, **kwargs)
         finally:
             _routing = None
-
-    def hidden_states(self, *args, **kwargs):
-        return self._routed(self.inner.hidden_states, *args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        return self._routed(self.inner, *args, **kwargs)
