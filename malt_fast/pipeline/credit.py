@@ -16,11 +16,7 @@ def credit(run: Run, trees: Path) -> Path:
     from malt_fast.malt.credit import Recipe, run_credit
 
     out = run.dir / "data"
-    run.guard("credit")
-    done = (out / "summary.json").is_file()
-    ranks.barrier()  # every rank has decided before rank 0 writes
-    if done:
-        run.log(f"credit: {out}/summary.json exists, skipped")
+    if run.finished("credit", out / "summary.json"):
         return out
     if ranks.is_main():
         t0 = time.perf_counter()

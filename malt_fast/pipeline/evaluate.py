@@ -27,11 +27,7 @@ def evaluate(run: Run, trained: bool, base: dict | None = None) -> dict:
     from malt_fast.eval.evaluate import write_report
 
     out = run.dir / "eval"
-    run.guard("evaluate")
-    done = (out / "results.json").is_file()
-    ranks.barrier()  # every rank has decided before rank 0 writes
-    if done:
-        run.log(f"evaluate: {out}/results.json exists, skipped")
+    if run.finished("evaluate", out / "results.json"):
         return json.loads((out / "results.json").read_text())
     if base is not None and not trained:
         base = None  # nothing trained to evaluate: fall back to the full evaluation

@@ -129,6 +129,16 @@ class Run:
         if ranks.is_main():  # every rank checks, rank 0 writes
             atomic_write_text(self.dir / "stages.json", json.dumps(records, indent=1) + "\n")
 
+    def finished(self, stage: str, last_file: Path) -> bool:
+        """Guard `stage` (above), then whether `last_file`, the file it writes last, exists:
+        decided on every rank before any rank writes; a finished stage is logged as skipped."""
+        self.guard(stage)
+        done = last_file.is_file()
+        ranks.barrier()
+        if done:
+            self.log(f"{stage}: {last_file} exists, skipped")
+        return done
+
     def restart(self, stage: str) -> None:
         """Delete `stage`'s outputs and those of every later stage, in this round and later
         ones, so the next run recomputes them."""
