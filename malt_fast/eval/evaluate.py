@@ -27,6 +27,7 @@ records (`chains`) and what its verifier and refiner did (`roles`, malt_fast.eva
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -233,13 +234,13 @@ def evaluate_seeds(test: list[Example], base_engines=None, trained_engines=None,
     transitions: dict[int, dict] = {seed: {} for seed in seeds}
     chain_recs: dict[int, dict] = {seed: {} for seed in seeds}
     rollout: dict = {}
-    runs = [("MA", base_engines, run_chains), ("STaR", star_engine, run_single),
-            ("MALT", trained_engines, run_chains)]
+    pipeline = functools.partial(run_chains, refine=refine)
+    runs = [("MA", base_engines, pipeline), ("STaR", star_engine, run_single),
+            ("MALT", trained_engines, pipeline)]
     for name, engines, run in runs:
         if engines is None:
             continue
-        extra = {"refine": refine} if run is run_chains else {}
-        answers = run(engines, subsets, chains, sampling, prompts_path, rollout, name, **extra)
+        answers = run(engines, subsets, chains, sampling, prompts_path, rollout, name)
         for seed, subset in subsets.items():
             methods = ROLLOUT_METHODS[name]
             key = "final" if name != "STaR" else "generator"

@@ -28,7 +28,8 @@ def role_layout(prompts: RolePrompts) -> RoleLayout:
     """The questions passed to the engine are already rendered by `question_text`; every
     critique ends with a verdict line (appended where the verifier wrote none)."""
     return RoleLayout(question="{question}", verifier=prompts.verifier, refiner=prompts.refiner,
-                      system=prompts.system or None, verdict=VERDICT_MARKER)
+                      system=prompts.system or None, verdict=VERDICT_MARKER,
+                      has_verdict=lambda text: extract_verdict(text) is not None)
 
 
 def level_sampling(cfg: dict) -> dict[str, LevelSampling]:

@@ -48,6 +48,9 @@ class RoleLayout:
     refiner: str = ""  # the user turn asking for a corrected answer
     system: str | None = None
     verdict: str | None = None  # the line every critique ends with (module docstring)
+    # whether a critique already holds a verdict its reader accepts (malt/verdict.py); None:
+    # any letter after the last `verdict` marker counts
+    has_verdict: Callable[[str], bool] | None = None
 
     def render(self, field: str, question: str) -> str:
         # str.replace, not format: prompts may hold braces (\boxed{}, JSON)
@@ -110,11 +113,14 @@ class Transcript:
         return list(context) + list(reply) + self.tok.encode(between)
 
     def needs_verdict(self, critique: str | None) -> bool:
-        """With a layout's verdict: whether the critique lacks a verdict line with a word after
-        its last marker (a reply may end right after "Verdict:")."""
+        """With a layout's verdict: whether the critique lacks a verdict its reader accepts
+        (`layout.has_verdict`; without one, a word after the last marker). A reply may end
+        right after "Verdict:", or write a word the reader does not take ("Verdict: maybe")."""
         lead = self.layout.verdict
         if lead is None:
             return False
+        if self.layout.has_verdict is not None:
+            return not self.layout.has_verdict(critique or "")
         text = (critique or "").lower()
         at = text.rfind(lead.lower())
         return at < 0 or not any(ch.isalpha() for ch in text[at + len(lead):])

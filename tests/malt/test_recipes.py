@@ -90,14 +90,12 @@ def test_correction_values_critiques_by_their_verdict(tmp_path):
         {"under_right": 3, "kept": 0, "under_wrong": 1}
 
 
-def test_verdict_weight_mixes_in_the_refinements():
+def test_verdict_weight_mixes_in_the_refinements(tmp_path):
     # g0 wrong; v0 flags it but no refinement fixes it; v1 misses it, one of two fixes it.
     tree = [(71, [("incorrect", [0, 0]), ("correct", [1, 0])])]
-    import tempfile
-    from pathlib import Path
     for w, values in ((1.0, [1, 0]), (0.5, [0.5, 0.25]), (0.0, [0, 0.5])):
-        with tempfile.TemporaryDirectory() as d:
-            _, _, scored = credit(Path(d), [tree], recipe=Recipe("correction", verdict_weight=w))
+        _, _, scored = credit(tmp_path / f"w{w}", [tree],
+                              recipe=Recipe("correction", verdict_weight=w))
         got = [v["value"] for v in scored[0]["generations"][0]["verifications"]]
         assert got == pytest.approx(values)
         # strict threshold: 1/2 is negative

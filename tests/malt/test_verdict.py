@@ -49,6 +49,21 @@ def test_extract_verdict_none(text):
     assert extract_verdict(text) is None
 
 
+@pytest.mark.parametrize("text", [CRITIQUE + "Verdict: correct", CRITIQUE + "**Verdict:** Wrong",
+                                  CRITIQUE + "Verdict: the answer is right",
+                                  CRITIQUE + "Verdict: correctly solved", CRITIQUE + "Verdict:",
+                                  CRITIQUE + "Verdict: correct\nVerdict: unsure", CRITIQUE])
+def test_the_rollout_appends_a_verdict_line_exactly_where_none_is_read(tok, text):
+    """The pipeline's layout asks the rollout for a verdict line where extract_verdict reads
+    none, so every critique it keeps ends up with a verdict its reader takes."""
+    from malt_fast.malt.expand import role_layout
+    from malt_fast.malt.prompts import load_prompts
+    from malt_fast.rollout.tree import Transcript
+
+    layout = role_layout(load_prompts(None, "arith"))
+    assert Transcript(tok, layout).needs_verdict(text) == (extract_verdict(text) is None)
+
+
 def test_marker_constant():
     assert extract_verdict(f"{VERDICT_MARKER} incorrect") == "incorrect"
 
