@@ -18,15 +18,21 @@ def last_boxed(text: str) -> str | None:
         return m.group(1) if m else None
     if not text.startswith("{", i):
         return None
+    end = balanced_end(text, i)
+    return text[i + 1:end - 1] if end > 0 else None
+
+
+def balanced_end(s: str, i: int) -> int:
+    """Index just past the brace group that opens at s[i] == '{', or -1 if unbalanced."""
     depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
+    for j in range(i, len(s)):
+        if s[j] == "{":
             depth += 1
-        elif text[j] == "}":
+        elif s[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
-    return None  # unbalanced
+                return j + 1
+    return -1
 
 
 def normalize_number(s: str) -> str | None:

@@ -19,7 +19,7 @@ import re
 from fractions import Fraction
 from itertools import permutations
 
-from malt_fast.data.text import normalize_number
+from malt_fast.data.text import balanced_end, normalize_number
 
 NUMBER_DATASETS = frozenset({"gsm8k", "svamp", "asdiv", "mawps", "arith"})
 CHOICE_DATASETS = frozenset({"csqa"})
@@ -119,7 +119,7 @@ def last_boxed(text: str) -> str | None:
             return found
         j = m.end()
         if text.startswith("{", j):
-            end = _balanced(text, j)
+            end = balanced_end(text, j)
             if end < 0:
                 return found  # unbalanced: the model was cut off inside its box
             found, i = text[j + 1:end - 1], end
@@ -359,19 +359,6 @@ def normalize_math(s: str) -> str:
     return num if num is not None else s
 
 
-def _balanced(s: str, i: int) -> int:
-    """Index just past the brace group that opens at s[i] == '{', or -1 if unbalanced."""
-    depth = 0
-    for j in range(i, len(s)):
-        if s[j] == "{":
-            depth += 1
-        elif s[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return -1
-
-
 def _unwrap_text(s: str) -> str:
     """\\text{odd} -> 'odd', but a text unit after a value (8\\text{ cm}^2) is dropped."""
     pat = re.compile(rf"\\(?:{_TEXT_CMDS})\s*\{{")
@@ -379,7 +366,7 @@ def _unwrap_text(s: str) -> str:
         m = pat.search(s)
         if not m:
             return s
-        end = _balanced(s, m.end() - 1)
+        end = balanced_end(s, m.end() - 1)
         if end < 0:
             return s
         content = s[m.end():end - 1]
@@ -428,7 +415,7 @@ def _one_arg(s: str, i: int) -> tuple[str | None, int]:
     if i >= len(s):
         return None, i
     if s[i] == "{":
-        end = _balanced(s, i)
+        end = balanced_end(s, i)
         return (s[i + 1:end - 1], end) if end > 0 else (None, i)
     m = re.compile(r"\\[a-zA-Z]+").match(s, i)
     if m:
