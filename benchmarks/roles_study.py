@@ -8,8 +8,8 @@ runs/roles/{stage}/{task}/{recipe}/. The questions come from the task's TRAINING
 `--stage validation`: the first `--train` are trained on, the next `--heldout` (disjoint) are
 evaluated, so recipes are chosen without touching the test split; `--stage test` trains on the
 same first questions and evaluates the packaged test split. The recipes of a stage share one
-expansion (the trees do not depend on the credit recipe): the first cell's trees.jsonl is
-copied into the others; recipes that differ only in evaluation settings also share the credit
+expansion where their expansion settings agree (the trees do not depend on the credit
+recipe): the first such cell's trees.jsonl is copied into the others; recipes that differ only in evaluation settings also share the credit
 and training stages (copied with their stage records; the evaluation reruns). Prints each cell's results table and role diagnostics and writes
 runs/roles/{stage}/{task}/summary.json (results.json of every cell: methods, comparisons,
 roles, chains).
@@ -33,11 +33,17 @@ TASKS = {  # name -> (dataset, difficulty)
 }
 # packaged with a test split only: carved in two halves, the first trained and validated on
 TEST_ONLY = {"svamp", "asdiv"}
-RECIPES = {  # name -> (training overrides, evaluation overrides)
-    "paper": ([], []),
-    "paper_flagged": ([], ["evaluate.refine=flagged"]),
-    "correction": (["credit.recipe=correction"], []),
-    "correction_flagged": (["credit.recipe=correction"], ["evaluate.refine=flagged"]),
+SOLVES = ["prompts=benchmarks/prompts/verifier_solves.yaml"]
+RECIPES = {  # name -> (expansion overrides, training overrides, evaluation overrides)
+    "paper": ([], [], []),
+    "paper_flagged": ([], [], ["evaluate.refine=flagged"]),
+    "correction": ([], ["credit.recipe=correction"], []),
+    "correction_flagged": ([], ["credit.recipe=correction"], ["evaluate.refine=flagged"]),
+    # hypothesis 3: the verifier re-solves the problem and compares answers
+    "solves": (SOLVES, [], []),
+    "solves_correction": (SOLVES, ["credit.recipe=correction"], []),
+    "solves_correction_flagged": (SOLVES, ["credit.recipe=correction"],
+                                  ["evaluate.refine=flagged"]),
 }
 
 
@@ -100,12 +106,14 @@ def main() -> None:
     root = ROOT / "runs" / "roles" / args.stage / args.task
     files = write_split_files(args.task, args.train, args.heldout, args.stage, root / "data")
     questions = args.heldout if args.stage == "validation" else 30
-    summary = {}
-    first, trained = None, {}  # trained: training overrides -> the cell that trained them
+    summary_path = root / "summary.json"  # cells of earlier invocations stay in it
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    expanded, trained = {}, {}  # expansion (+ training) overrides -> the cell that ran them
     for recipe in args.recipes:
         cell = root / recipe
-        train_overrides, eval_overrides = RECIPES[recipe]
-        twin = trained.get(tuple(train_overrides))
+        expand_overrides, train_overrides, eval_overrides = RECIPES[recipe]
+        first = expanded.get(tuple(expand_overrides))
+        twin = trained.get((*expand_overrides, *train_overrides))
         if twin is not None and not (cell / "train").exists():
             share_training(twin, cell)
         elif first is not None and not (cell / "trees.jsonl").exists():
@@ -117,20 +125,20 @@ def main() -> None:
                      else f"seed={args.train_seeds[0]}",
                      f"evaluate.seeds={json.dumps(args.eval_seeds)}",
                      f"evaluate.questions={questions}", "evaluate.star=true",
-                     *train_overrides, *eval_overrides, *args.set]
+                     *expand_overrides, *train_overrides, *eval_overrides, *args.set]
         cmd = [str(ROOT / ".venv" / "bin" / "malt-fast"), "run", str(ROOT / "configs" /
                                                                       "default.yaml")]
         for o in overrides:
             cmd += ["--set", o]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        first = first or cell
-        trained.setdefault(tuple(train_overrides), cell)
+        expanded.setdefault(tuple(expand_overrides), cell)
+        trained.setdefault((*expand_overrides, *train_overrides), cell)
         summary[recipe] = json.loads((cell / "eval" / "results.json").read_text())
         summary[recipe]["credit"] = json.loads((cell / "data" / "summary.json").read_text())
         # after every cell: a stopped study keeps what it finished
-        (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"\nwritten: {root / 'summary.json'}", flush=True)
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"\nwritten: {summary_path}", flush=True)
 
 
 if __name__ == "__main__":
